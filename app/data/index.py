@@ -1,0 +1,158 @@
+"""The dataset index (`index.parquet`) and the `Dataset` view over a complete dataset.
+
+Index columns, one row per sample in shard order:
+
+    key         str    sample key (tar members `<key>.jpg`, `<key>.json`)
+    shard       str    shard path relative to the dataset URI, e.g. `shards/shard-000000.tar`
+    offset      int64  byte offset of the JPEG data inside the shard (for ranged reads)
+    size        int64  JPEG size in bytes
+    sha256      str    hex digest of the JPEG bytes (exact-duplicate checks, integrity)
+    source      str    where the sample came from (input path, synth split, ...)
+    label       int64  class index, null for unlabelled samples
+    label_name  str    class name, null for unlabelled samples
+    width       int32  image width in pixels (null if unknown)
+    height      int32  image height in pixels (null if unknown)
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app import storage
+from app.data.shards import INDEX_NAME, STATS_NAME, Sample, iter_samples
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("offset", pa.int64()),
+    ("size", pa.int64()),
+    ("sha256", pa.string()),
+    ("source", pa.string()),
+    ("label", pa.int64()),
+    ("label_name", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+
+def write_index(uri: str, rows: list[dict[str, Any]]) -> None:
+    """Write `rows` (dicts with the index columns) as parquet, atomically."""
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.put_bytes(uri, buf.getvalue())
+
+
+def read_index(dataset_uri: str) -> pa.Table:
+    """The index of a dataset as a pyarrow table (`.to_pylist()` for a list of dicts)."""
+    uri = storage.join(storage.to_uri(dataset_uri), INDEX_NAME)
+    data = storage.get_bytes(uri)
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise storage.StorageError(f"{uri}: not a readable parquet index ({exc})") from None
+
+
+def shards_for_rank(shard_uris: list[str], rank: int, world_size: int) -> list[str]:
+    """The shards rank `rank` of `world_size` reads: round-robin, disjoint, covering all shards.
+
+    With more ranks than shards some ranks get none; write more, smaller shards for wide jobs.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return list(shard_uris[rank::world_size])
+
+
+def _read_range(uri: str, offset: int, size: int) -> bytes:
+    backend = storage.get_storage(uri)
+    if hasattr(backend, "get_range"):  # a backend may serve byte ranges natively (S3 Range GET)
+        return backend.get_range(storage.to_uri(uri), offset, size)
+    with storage.open_read(uri) as f:
+        if f.seekable():
+            f.seek(offset)
+        else:  # a plain stream: read and drop the bytes before the image
+            remaining = offset
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+        data = f.read(size)
+    if len(data) != size:
+        raise storage.StorageError(f"{uri}: short read at offset {offset} ({len(data)}/{size})")
+    return data
+
+
+class Dataset:
+    """A complete dataset: its index, stats and shards.
+
+    Raises `StorageError` when `_stats.json` is missing (a dataset still being written, or one
+    whose writer crashed).
+    """
+
+    def __init__(self, uri: str):
+        self.uri = storage.to_uri(uri).rstrip("/")
+        stats_uri = storage.join(self.uri, STATS_NAME)
+        if not storage.exists(stats_uri):
+            raise storage.StorageError(
+                f"{self.uri}: not a complete dataset (no {STATS_NAME}; still being written or "
+                "its writer failed)")
+        self.stats: dict[str, Any] = storage.get_json(stats_uri)
+        self.index = read_index(self.uri)
+        self._rows: list[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return self.index.num_rows
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = self.index.to_pylist()
+        return self._rows
+
+    @property
+    def keys(self) -> list[str]:
+        return self.index.column("key").to_pylist()
+
+    @property
+    def labels(self) -> list[int | None]:
+        return self.index.column("label").to_pylist()
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names by label index (empty for an unlabelled dataset)."""
+        names = self.stats.get("classes", {})
+        if not names:
+            return []
+        out = [""] * (max(int(k) for k in names) + 1)
+        for k, v in names.items():
+            out[int(k)] = v
+        return out
+
+    @property
+    def shard_uris(self) -> list[str]:
+        return [storage.join(self.uri, s) for s in self.stats.get("shards", [])]
+
+    def shards_for_rank(self, rank: int, world_size: int) -> list[str]:
+        return shards_for_rank(self.shard_uris, rank, world_size)
+
+    def iter_samples(self, rank: int = 0, world_size: int = 1) -> Iterator[Sample]:
+        """Stream this rank's samples (all of them with the defaults)."""
+        return iter_samples(self.uri, self.shards_for_rank(rank, world_size))
+
+    def get(self, i: int) -> Sample:
+        """Random access to sample `i` through its byte offset in the shard."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        row = self.rows[i]
+        shard_uri = storage.join(self.uri, row["shard"])
+        data = _read_range(shard_uri, row["offset"], row["size"])
+        meta = {k: row[k] for k in ("label", "label_name", "source", "width", "height")}
+        meta["key"] = row["key"]
+        return Sample(row["key"], data, meta)
