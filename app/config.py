@@ -146,6 +146,7 @@ class EmbedConfig:
     arch: str = "vit_small"
     weights: str = ""  # run URI or official backbone file; empty = the pipeline's pretrain run
     features: str = "cls"  # cls | cls+mean
+    model: str = "vit"  # vit | thumbnail (weight-free 16x16 colour descriptor: tests, demo)  # H5
     image_size: int = 224
     batch_size: int = 64
     num_workers: int = 2
@@ -161,6 +162,9 @@ class DedupConfig:
     nprobe: int = 16
     exact_below: int = 200_000  # use exact search below this many vectors
     phash_prefilter: bool = False
+    representative: str = "lowest"  # lowest | central: which member a component keeps  # H5
+    hnsw_m: int = 32  # HNSW graph degree (index: hnsw / auto on CPU)  # H5
+    ef_search: int = 128  # HNSW search breadth  # H5
 
 
 @dataclass
@@ -171,6 +175,7 @@ class RetrieveConfig:
     per_set_cap: int = 1_000_000
     sample_based_min_size: int = 1_000_000  # seed sets at least this large use sample-based retrieval
     n_clusters: int = 100_000
+    n_iters: int = 20  # k-means iterations for the pool clustering  # H5
 
 
 @dataclass
@@ -179,7 +184,8 @@ class ClusterConfig:
     n_resampling_steps: list[int] = field(default_factory=lambda: [10, 10])
     sample_size: list[int] = field(default_factory=lambda: [10, 10])
     n_iters: int = 50
-    init: str = "kmeans++"  # kmeans++ | faiss
+    init: str = "kmeans++"  # kmeans++ | random | faiss
+    resample_strategy: str = "closest"  # closest | random: members re-clustered per step  # H5
     target_size: int = 0  # 0: no balanced sampling
     sampling: str = "random"  # random | closest
     multiplier: int = 1
@@ -442,7 +448,10 @@ _CHOICES = {
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "launch.restart_policy": ("OnFailure", "ExitCode", "Never"),
     "curation.embed.features": ("cls", "cls+mean"),
-    "curation.dedup.index": ("auto", "flat", "ivf"),
+    "curation.dedup.index": ("auto", "flat", "ivf", "ivfsq8", "hnsw"),  # H5
+    "curation.dedup.representative": ("lowest", "central"),  # H5
+    "curation.embed.model": ("vit", "thumbnail"),  # H5
+    "curation.cluster.resample_strategy": ("closest", "random"),  # H5
     "curation.cluster.init": ("kmeans++", "faiss", "random"),
     "curation.cluster.sampling": ("random", "closest"),
     "eval.linear_features": ("cls", "cls+mean"),

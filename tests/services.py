@@ -120,7 +120,7 @@ class SeaweedFS:
             secret_key=secret_key or self.secret_key, secure=False, region="us-east-1",
         )
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         if not self.ports:
             self.ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS))))
         data, logs, tmp = self.root / "data", self.root / "logs", self.root / "tmp"
@@ -129,6 +129,7 @@ class SeaweedFS:
         cmd = [
             str(BIN / "weed"), f"-logdir={logs}", "mini", f"-dir={data}", f"-ip={LOOPBACK}",
             f"-ip.bind={LOOPBACK}", "-admin.ui=false", "-webdav=false",
+            "-s3.autoCreateBucket=false",  # like AWS/MinIO: a PUT to a missing bucket fails
         ] + [f"-{flag}={port}" for flag, port in self.ports.items()]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key,
                "AWS_SECRET_ACCESS_KEY": self.secret_key, "TMPDIR": str(tmp)}
@@ -141,12 +142,15 @@ class SeaweedFS:
 
         def ready() -> bool:
             # A real, signed request: the S3 port answering is not enough, auth must be loaded.
+            import urllib3
+            from minio.error import MinioException
+
             try:
                 if not client.bucket_exists(self.bucket):
                     client.make_bucket(self.bucket)
                 return True
-            except Exception:
-                return False
+            except (MinioException, urllib3.exceptions.HTTPError, OSError):
+                return False  # not up yet, or auth not loaded yet; bad arguments still raise
 
         try:
             _wait_until(ready, timeout, self.proc, "weed mini", log)
@@ -193,7 +197,7 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(tmpdir, s3: SeaweedFS, timeout: float = 90.0) -> Iterator[MlflowServer]:
+def mlflow_server(tmpdir, s3: SeaweedFS, timeout: float = 240.0) -> Iterator[MlflowServer]:
     root = Path(tmpdir)
     root.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)

@@ -21,6 +21,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 class CorruptImage(ValueError):
     """The bytes are not a decodable image; the message names the sample and the reason."""
 
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across worker processes
+        return CorruptImage, (self.name, self.reason)
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -31,22 +39,22 @@ class ImageInfo:
 
 def _open_fully(data: bytes, name: str) -> Image.Image:
     if not data:
-        raise CorruptImage(f"{name}: empty file")
+        raise CorruptImage(name, "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
-                raise CorruptImage(f"{name}: image too large ({img.width}x{img.height})")
+                raise CorruptImage(name, f"image too large ({img.width}x{img.height})")
             # `load()` decodes every byte: a truncated JPEG only fails here, not in `open()`.
             img.load()
     except CorruptImage:
         raise
     except UnidentifiedImageError:
-        raise CorruptImage(f"{name}: not a recognised image format") from None
+        raise CorruptImage(name, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
-        raise CorruptImage(f"{name}: cannot decode ({exc})") from None
+        raise CorruptImage(name, f"cannot decode ({exc})") from None
     return img
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterable, Iterator
 
 from app import storage
+from app.data.tarstream import TarFormatError, iter_members
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(fileobj: BinaryIO, source: str = "tar") -> Iterator[Sample]:
-    """Stream samples out of a tar read front to back (`r|`: no seeking, no full download).
+    """Stream samples out of a tar read front to back (no seeking, no full download).
 
     Members with the same key must be adjacent, as WebDataset requires. A key without an image
     member yields a `Sample` with empty `image_bytes` so the caller can count it.
@@ -299,28 +300,25 @@ def iter_tar_samples(fileobj: BinaryIO, source: str = "tar") -> Iterator[Sample]
     image = b""
     meta: dict[str, Any] = {}
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_member(member.name)
-                if key != current_key:
-                    if current_key is not None:
-                        yield Sample(current_key, image, meta)
-                    current_key, image, meta = key, b"", {}
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if ext == "json":
-                    try:
-                        meta.update(json.loads(data))
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise storage.StorageError(
-                            f"{source}: member {member.name} is not valid JSON") from None
-                elif ext == "cls":
+        for name, data in iter_members(fileobj):
+            key, ext = _split_member(name)
+            if key != current_key:
+                if current_key is not None:
+                    yield Sample(current_key, image, meta)
+                current_key, image, meta = key, b"", {}
+            if ext == "json":
+                try:
+                    meta.update(json.loads(data))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise storage.StorageError(f"{source}: member {name} is not valid JSON") from None
+            elif ext == "cls":
+                try:
                     meta.setdefault("label", int(data.strip()))
-                elif ext in _IMAGE_MEMBER_EXTS and not image:
-                    image = data
-    except tarfile.TarError as exc:
+                except ValueError:
+                    raise storage.StorageError(f"{source}: member {name} is not an integer") from None
+            elif ext in _IMAGE_MEMBER_EXTS and not image:
+                image = data
+    except TarFormatError as exc:
         raise storage.StorageError(f"{source}: not a readable tar shard ({exc})") from None
     if current_key is not None:
         yield Sample(current_key, image, meta)

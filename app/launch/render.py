@@ -9,8 +9,6 @@ from a Secret and endpoints from a ConfigMap, both by reference.
 
 from __future__ import annotations
 
-import copy
-
 from app.launch.jobspec import JobSpec
 
 GROUP = "kubeflow.org"
@@ -148,13 +146,15 @@ def render_pytorchjob(spec: JobSpec, *, s3_secret: str | None = "dinoctl-s3",
     With `generate_name`, metadata carries `generateName: <name>-` instead of a name (for
     `kubectl create -f`, which gives every submission a fresh name).
     """
-    template = _pod_template(spec, s3_secret=s3_secret, settings_configmap=settings_configmap,
+    def template() -> dict:  # a fresh object per replica type: editing one never edits both
+        return _pod_template(spec, s3_secret=s3_secret, settings_configmap=settings_configmap,
                              service_account=service_account, config_configmap=config_configmap)
+
     replica_specs = {"Master": {"replicas": 1, "restartPolicy": spec.restart_policy,
-                                "template": template}}
+                                "template": template()}}
     if spec.replicas > 1:
         replica_specs["Worker"] = {"replicas": spec.replicas - 1,
-                                   "restartPolicy": spec.restart_policy, "template": template}
+                                   "restartPolicy": spec.restart_policy, "template": template()}
     run_policy: dict = {"cleanPodPolicy": "Running", "backoffLimit": spec.backoff_limit}
     if spec.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = spec.active_deadline_seconds
@@ -167,7 +167,7 @@ def render_pytorchjob(spec: JobSpec, *, s3_secret: str | None = "dinoctl-s3",
         metadata["generateName"] = f"{spec.name}-"
     else:
         metadata["name"] = spec.name
-    job = {
+    return {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": metadata,
@@ -177,5 +177,3 @@ def render_pytorchjob(spec: JobSpec, *, s3_secret: str | None = "dinoctl-s3",
             "pytorchReplicaSpecs": replica_specs,
         },
     }
-    # Master and Worker share one template object above; a deep copy keeps them independent.
-    return copy.deepcopy(job)

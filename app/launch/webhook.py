@@ -139,6 +139,11 @@ def validate_against_crd(obj: dict, crd_path: str | Path, *, strict: bool = True
     """
     import jsonschema
 
-    validator = jsonschema.Draft7Validator(load_crd_schema(str(crd_path), "v1", strict))
+    # The API server decodes integers into int32/int64: 1.2096e+06 (what a template gives for a
+    # large number) is rejected there, so a float never counts as an integer here.
+    checker = jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    validator_cls = jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=checker)
+    validator = validator_cls(load_crd_schema(str(crd_path), "v1", strict))
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
     return [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors]

@@ -22,11 +22,12 @@ from app.storage.api import (
     put_bytes,
     put_file,
     put_json,
+    put_stream,
     get_json,
 )
 
 __all__ = [
     "ObjectInfo", "StorageError", "NotFound", "join", "parse_uri", "to_uri", "copy", "delete",
     "exists", "get_bytes", "get_file", "get_storage", "list_objects", "open_read", "open_write",
-    "put_bytes", "put_file", "put_json", "get_json",
+    "put_bytes", "put_file", "put_json", "put_stream", "get_json",
 ]

@@ -13,6 +13,9 @@ from app.storage.local import LocalBackend
 
 _local = LocalBackend()
 _s3_backends: dict[str, Backend] = {}
+_S3_ENV = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_CREDENTIALS_DIR",
+           "S3_VERIFY_TLS", "S3_CREATE_BUCKET", "S3_MAX_RETRIES", "S3_RETRY_BASE_SECONDS",
+           "S3_PART_SIZE_MB", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def get_storage(uri: str) -> Backend:
@@ -21,7 +24,8 @@ def get_storage(uri: str) -> Backend:
         return _local
     from app.storage.s3 import S3Backend  # imported lazily: the minio SDK is only needed for s3://
 
-    key = os.environ.get("S3_ENDPOINT_URL", "")
+    # One client per distinct S3 environment (tests and tools switch endpoints and keys).
+    key = "\0".join(os.environ.get(name, "") for name in _S3_ENV)
     if key not in _s3_backends:
         _s3_backends[key] = S3Backend.from_env()
     return _s3_backends[key]
@@ -33,6 +37,11 @@ def put_bytes(uri: str, data: bytes) -> None:
 
 def put_file(uri: str, local_path: str) -> None:
     get_storage(uri).put_file(to_uri(uri), local_path)
+
+
+def put_stream(uri: str, stream: BinaryIO, length: int = -1) -> None:
+    """Upload from a readable stream; the object appears only if the whole stream was read."""
+    get_storage(uri).put_stream(to_uri(uri), stream, length)
 
 
 def put_json(uri: str, obj: Any) -> None:

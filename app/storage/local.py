@@ -40,6 +40,9 @@ class LocalBackend:
 
         _atomic_write(_path(uri), write)
 
+    def put_stream(self, uri: str, stream: BinaryIO, length: int = -1) -> None:
+        _atomic_write(_path(uri), lambda f: shutil.copyfileobj(stream, f, 1 << 20))
+
     def put_bytes(self, uri: str, data: bytes) -> None:
         _atomic_write(_path(uri), lambda f: f.write(data))
 
@@ -51,7 +54,8 @@ class LocalBackend:
         src = _path(uri)
         if not os.path.isfile(src):
             raise NotFound(f"{uri}: no such object")
-        _atomic_write(local_path, lambda f: shutil.copyfileobj(open(src, "rb"), f, 1 << 20))
+        with open(src, "rb") as source:
+            _atomic_write(local_path, lambda f: shutil.copyfileobj(source, f, 1 << 20))
 
     def open_read(self, uri: str) -> BinaryIO:
         path = _path(uri)

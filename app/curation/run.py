@@ -1,0 +1,164 @@
+"""The curation job: `torchrun -m app.entry curate <stage> --config <yaml> [--set k=v ...]`.
+
+Stages: embed | dedup | retrieve | cluster | materialize | report | run (the configured stages,
+then report). A stage whose `_SUCCESS` exists is skipped (`--force` recomputes it). Embedding is
+split over ranks by shard; the other stages run on rank 0 while the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from app.curation.artifacts import CurationRun, set_name
+
+log = logging.getLogger(__name__)
+
+STAGE_DIR = {"embed": "embeddings", "dedup": "dedup", "retrieve": "retrieval", "cluster": "clusters",
+             "materialize": "selection", "report": "report"}
+STAGES = tuple(STAGE_DIR)
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); joins the gloo group when launched on several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def input_sets(cfg: Any) -> list[tuple[str, str]]:
+    """(set name, dataset URI) of everything to embed: pool, seed sets, evaluation sets."""
+    c = cfg.curation
+    if not c.pool:
+        from app.config import ConfigError
+
+        raise ConfigError("'curation.pool' must name the pool dataset URI")
+    sets = [("pool", c.pool)]
+    sets += [(set_name("seed", i, u), u) for i, u in enumerate(c.seeds)]
+    sets += [(set_name("eval", i, u), u) for i, u in enumerate(c.eval_sets)]
+    return sets
+
+
+def stage_embed(run: CurationRun, cfg: Any, rank: int, world: int) -> dict[str, Any]:
+    from app.curation.embed import embed_dataset
+
+    results = {name: embed_dataset(run, name, uri, cfg, rank, world) for name, uri in input_sets(cfg)}
+    gathered = _gather(results, world)
+    summary = {"stage": "embed", "world_size": world, "sets": {}}
+    for name, uri in input_sets(cfg):
+        parts = [g[name] for g in gathered]
+        secs = max(p["seconds"] for p in parts)
+        images = sum(p["images"] for p in parts)
+        summary["sets"][name] = {"dataset": parts[0]["dataset"], "shards": sum(p["shards"] for p in parts),
+                                 "images": images, "corrupt": sum(p["corrupt"] for p in parts),
+                                 "shards_skipped": sum(p["shards_skipped"] for p in parts),
+                                 "images_per_s": round(images / max(secs, 1e-9), 2)}
+    if rank == 0:
+        # counts of parts embedded earlier come from the parts themselves, so reruns add up
+        from app.curation.embed import load_set
+
+        for name, uri in input_sets(cfg):
+            data = load_set(run, name, uri)
+            summary["sets"][name]["images"] = int(len(data["keys"]))
+            summary["sets"][name]["corrupt"] = int(len(data["corrupt"]))
+            summary["sets"][name]["dim"] = int(data["embeddings"].shape[1]) if data["embeddings"].size else 0
+        run.mark_done("embeddings", summary)
+    return summary
+
+
+def run_stage(stage: str, cfg: Any, tracker: Any, force: bool = False) -> dict[str, Any] | None:
+    from app.curation.materialize import run_materialize
+    from app.curation.report import run_report
+    from app.curation.stages import run_cluster, run_dedup, run_retrieve
+
+    rank, world = _dist()
+    run = CurationRun(cfg.run.store, cfg.run.name)
+    if run.done(STAGE_DIR[stage]) and not force:
+        log.info("curate %s: already done (%s), skipping", stage, run.uri(STAGE_DIR[stage]))
+        return run.summary(STAGE_DIR[stage])
+    if stage == "embed":
+        summary = stage_embed(run, cfg, rank, world)
+    elif rank == 0:
+        fn = {"dedup": run_dedup, "retrieve": run_retrieve, "cluster": run_cluster,
+              "materialize": run_materialize}.get(stage)
+        summary = fn(run, cfg) if fn else run_report(run, cfg, tracker)
+    else:
+        summary = None
+    _barrier(world)
+    if summary is not None and rank == 0 and stage != "report":
+        tracker.log_summary({k: v for k, v in summary.items() if not k.startswith("leaf_sizes")},
+                            f"curation/{stage}.json")
+    return summary
+
+
+def curate(stage: str, cfg: Any, force: bool = False) -> dict[str, Any]:
+    """Run one stage, or all configured stages then the report (stage "run")."""
+    from app.tracking import get_tracker
+
+    stages = [s for s in cfg.curation.stages if s in STAGES and s != "report"] + ["report"] \
+        if stage == "run" else [stage]
+    unknown = [s for s in cfg.curation.stages if s not in STAGES]
+    if unknown:
+        from app.config import ConfigError
+
+        raise ConfigError(f"'curation.stages' has unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    results = {}
+    with get_tracker().start(f"curate-{stage}", config=cfg) as tracker:
+        for s in stages:
+            if s == "retrieve" and not cfg.curation.seeds:
+                log.info("curate retrieve: no seed sets configured, skipping")
+                continue
+            results[s] = run_stage(s, cfg, tracker, force=force)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curate", description="curation stages")
+    p.add_argument("stage", choices=(*STAGES, "run"))
+    p.add_argument("--config", default="curate_lvd", help="preset name or YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="recompute even if the stage is done")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.config import load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "curate":  # `python -m app.entry curate ...` passes the stage name
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    curate(args.stage, cfg, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The multi-crop training loader: shards in storage -> augmented crops -> batches with masks.
+
+    loader = MultiCropLoader(cfg, rank, world_size, cursor)
+    batch = loader.next_batch(step)   # dict from `collate_data_and_masks` + "keys"
+
+Workers decode and augment (each sample seeded from (seed, epoch, index), never from worker
+state); the main process stacks the crops and draws the iBOT masks from a generator seeded by
+(seed, step, rank). A batch is therefore a pure function of (config, cursor, step), whatever the
+number of workers or the point a run was resumed from.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from app.data.sampler import DataCursor, ResumableSampler, advance, sample_seed, _mix
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Random access to a dataset at a URI; item `(epoch, index)` -> crops dict + "key"."""
+
+    def __init__(self, uri: str, transform: Callable, seed: int):
+        from app.data.index import Dataset
+
+        self.data = Dataset(uri)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        from app.data.decode import decode_image
+
+        epoch, index = item
+        sample = self.data.get(index)
+        image = decode_image(sample.image_bytes, sample.key)
+        with seeded_rng(sample_seed(self.seed, epoch, index)):
+            crops = self.transform(image)
+        return {"global_crops": crops["global_crops"], "local_crops": crops.get("local_crops", []),
+                "key": sample.key}
+
+
+class seeded_rng:
+    """Seed torch / numpy / python RNGs for one sample and restore them afterwards (so a
+    main-process loader with 0 workers does not disturb the training RNG streams)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self._saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        random.seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self._saved[0])
+        np.random.set_state(self._saved[1])
+        random.setstate(self._saved[2])
+
+
+def build_augmentation(cfg: Any) -> Callable:
+    from app.data.augment import DataAugmentationDINO
+
+    return DataAugmentationDINO.from_config(cfg.crops)
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
+class MultiCropLoader:
+    """Batches of one rank; the first `next_batch` is step `start_step`, read from `cursor`.
+    `cursor_at(step)` is where the stream stands before step `step` (saved in checkpoints)."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int, cursor: DataCursor = DataCursor(),
+                 start_step: int = 0, transform: Callable | None = None,
+                 num_workers: int | None = None):
+        from app.ssl.masking import BlockMaskGenerator
+
+        self.cfg, self.rank = cfg, rank
+        self.seed = cfg.run.seed
+        self.batch_size = cfg.train.batch_size_per_gpu
+        if not cfg.train.dataset:
+            raise ValueError("'train.dataset' is empty: set it to a dataset URI (--set train.dataset=...)")
+        self.dataset = MultiCropDataset(cfg.train.dataset, transform or build_augmentation(cfg), self.seed)
+        self.sampler = ResumableSampler(len(self.dataset), rank, world_size, self.seed, cursor)
+        self.start_cursor, self.start_step = cursor, start_step
+        workers = cfg.train.num_workers if num_workers is None else num_workers
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=_as_list,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if workers > 0 else None, drop_last=True,
+            # Its own generator: creating the iterator must not draw from the global torch RNG,
+            # or a resumed run's drop-path stream would differ from an uninterrupted one.
+            generator=torch.Generator().manual_seed(_mix(self.seed, rank, 0x10AD)),
+        )
+        grid = cfg.crops.global_crops_size // cfg.model.patch_size
+        self.n_tokens = grid * grid
+        self.mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+        self._it = iter(self.loader)
+
+    def cursor_at(self, step: int) -> DataCursor:
+        batches = step - self.start_step
+        return advance(self.start_cursor, batches * self.batch_size, self.sampler.per_rank)
+
+    def next_batch(self, step: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        samples = next(self._it)
+        from app.ssl.masking import collate_data_and_masks
+
+        rng = np.random.default_rng(_mix(self.seed, step, self.rank, 0x3A5C))
+        batch = collate_data_and_masks(
+            samples, mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),
+            mask_probability=self.cfg.ibot.mask_sample_probability, n_tokens=self.n_tokens,
+            mask_generator=self.mask_generator, rng=rng, dtype=dtype,
+        )
+        batch["keys"] = [s["key"] for s in samples]
+        return batch
+
+
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -1,0 +1,1 @@
+"""The embedded pipeline: curate -> pretrain -> distill -> eval -> register as jobs."""

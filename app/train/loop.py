@@ -1,0 +1,159 @@
+"""The training loop: data -> step -> metrics -> checkpoint, top to bottom.
+
+Every part is built elsewhere and passed in (`app/train/run.py`), so each can be tested alone.
+A SIGTERM (Kubernetes deleting or preempting the pod) sets a flag; all ranks agree on it after
+the current step, save a checkpoint and stop with `PREEMPTED_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from app import storage
+from app.data.loader import MultiCropLoader, batch_to
+from app.train import checkpoint as ckpt
+from app.train.metrics import Progress, StepTimer, peak_memory_mb
+from app.train.step import TrainParts, train_step
+
+log = logging.getLogger(__name__)
+
+# 128 + SIGTERM: a PyTorchJob with restartPolicy ExitCode treats 128-255 as retryable (1-127 as
+# permanent), and OnFailure restarts on any non-zero code; the restarted pod resumes from LATEST.
+PREEMPTED_EXIT_CODE = 143
+
+
+class StopFlag:
+    """Set by SIGTERM; read once per step and agreed on by all ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # only sets a flag: the step finishes cleanly
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class LoopConfig:
+    store: str
+    run_name: str
+    total_steps: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    world_size: int
+    zero_stage: int
+    rank: int
+    device: torch.device
+    global_batch: int
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    preempted: bool
+    last: dict[str, float]
+    images_per_s: float
+
+
+def train_loop(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, start_step: int,
+               log_metrics: Callable[[dict[str, float], int], None], stop: StopFlag,
+               sample_log: Callable[[int, list[str], dict[str, float]], None] | None = None) -> LoopResult:
+    timer, overall = StepTimer(), StepTimer()
+    progress = Progress(lc.total_steps, start_step, lc.log_every, enabled=lc.rank == 0)
+    values: dict[str, float] = {}
+    step = start_step
+    try:
+        while step < lc.total_steps:
+            t0 = time.monotonic()
+            batch = batch_to(loader.next_batch(step), lc.device)
+            t1 = time.monotonic()
+            values = train_step(parts, batch, step)
+            if lc.device.type == "cuda":
+                torch.cuda.synchronize(lc.device)
+            t2 = time.monotonic()
+            timer.add(t2 - t1, t1 - t0, lc.global_batch)
+            overall.add(t2 - t1, t1 - t0, lc.global_batch)
+            if sample_log is not None:
+                sample_log(step, batch["keys"], values)
+            step += 1
+            if step % lc.log_every == 0 or step == lc.total_steps:
+                values.update(timer.summary(), peak_memory_mb=peak_memory_mb(lc.device))
+                log_metrics(values, step)
+            progress.update(step - 1, values)
+            preempted = stop.agreed(lc.device)
+            if preempted or step % lc.checkpoint_every == 0 or step == lc.total_steps:
+                save(parts, loader, lc, step)
+            if preempted:
+                log.warning("SIGTERM: checkpoint at step %d written; exiting with %d so the job "
+                            "is retried and resumes", step, PREEMPTED_EXIT_CODE)
+                return LoopResult(step, True, values, overall.summary()["images_per_s"])
+    finally:
+        progress.close()
+    return LoopResult(step, False, values, overall.summary()["images_per_s"])
+
+
+def save(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, step: int) -> None:
+    """Checkpoint after `step` steps (all ranks)."""
+    state = {
+        "step": step,
+        "data_cursor": loader.cursor_at(step).to_dict(),
+        "world_size": lc.world_size,
+        "zero_stage": lc.zero_stage,
+        **lc.extra_state,
+    }
+    ckpt.save_checkpoint(parts.engine, parts.meta, state, step, lc.store, lc.run_name,
+                         lc.keep_checkpoints, lc.rank)
+
+
+def export_run(parts: TrainParts, store: str, run_name: str, config_yaml: str,
+               summary: dict[str, Any]) -> str:
+    """Rank 0: teacher backbone (official keys), heads, config, summary, then `_SUCCESS` last."""
+    from app.models.convert import export_backbone
+
+    out = storage.join(storage.to_uri(store), "runs", run_name, "export")
+    teacher = parts.meta.teacher
+    export_backbone(teacher.backbone, storage.join(out, "backbone.pth"))
+    heads = {"dino_head": {k: v.detach().cpu() for k, v in teacher.dino_head.state_dict().items()}}
+    if teacher.ibot_head is not None:
+        heads["ibot_head"] = {k: v.detach().cpu() for k, v in teacher.ibot_head.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(heads, buf)
+    storage.put_bytes(storage.join(out, "heads.pth"), buf.getvalue())
+    storage.put_bytes(storage.join(out, "config.yaml"), config_yaml.encode())
+    storage.put_json(storage.join(out, "summary.json"), summary)
+    storage.put_bytes(storage.join(out, "_SUCCESS"), b"")
+    log.info("exported %s", out)
+    return out
+
+
+def jsonl_sample_log(path: str, rank: int) -> Callable[[int, list[str], dict[str, float]], None]:
+    """Append `{"step", "rank", "keys", "losses"}` per step to `path` (a test/debug aid enabled by
+    the env var DINOCTL_SAMPLE_LOG): it proves which samples each rank consumed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+
+    def write(step: int, keys: list[str], values: dict[str, float]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "rank": rank, "keys": keys, "losses": values}) + "\n")
+
+    return write

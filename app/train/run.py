@@ -1,0 +1,165 @@
+"""`torchrun -m app.entry pretrain --config <yaml> [--set a.b=c ...] [--resume auto|never|URI]`
+
+Parse the config, build the parts (process group, student + teacher, DeepSpeed engine,
+schedules, loader, tracker), resume if asked, run the loop, export. Exit codes: 0 done,
+1 failed (e.g. a non-finite loss), 2 bad config, 143 preempted after a checkpoint (retryable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from app.config import Config, ConfigError, config_hash, dump_yaml, load_config
+
+log = logging.getLogger("app.train")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.entry pretrain")
+    p.add_argument("stage", nargs="?", default="pretrain")
+    p.add_argument("--config", required=True, help="preset name or YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    p.add_argument("--resume", default=None, help="auto | never | checkpoint URI (train.resume)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    if args.resume:
+        cfg.train.resume = args.resume
+    return run(cfg)
+
+
+def run(cfg: Config) -> int:
+    from app.train.engine import init_distributed, shutdown
+    from app.train.step import NonFiniteLoss
+
+    dist_info = init_distributed()
+    _setup_logging(dist_info.rank)
+    try:
+        return _train(cfg, dist_info)
+    except NonFiniteLoss as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, d) -> int:
+    from app.data.loader import MultiCropLoader
+    from app.data.sampler import DataCursor
+    from app.ssl.meta_arch import LossWeights, SSLMetaArch, build_network, register_zero3_external_params
+    from app.ssl.param_groups import get_params_groups
+    from app.ssl.schedules import Schedules
+    from app.train import checkpoint as ckpt
+    from app.train.engine import build_engine, resolve_precision
+    from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, export_run,
+                                jsonl_sample_log, train_loop)
+    from app.train.step import TrainParts
+
+    started = time.monotonic()
+    stop = StopFlag()
+    stop.install()
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    student = build_network(cfg)
+    meta = SSLMetaArch(student, LossWeights.from_config(cfg)).to(d.device)
+    precision = resolve_precision(cfg, d.device)
+    groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    zero_stage = cfg.train.zero_stage
+    if zero_stage == 3:
+        register_zero3_external_params(student)
+    engine = build_engine(student, groups, cfg, d.world_size, precision)
+    schedules = Schedules.from_config(cfg, d.world_size)
+    # Drop-path and other model randomness differ per rank, as in data-parallel training.
+    torch.manual_seed(cfg.run.seed * 1000 + d.rank + 1)
+
+    start_step, cursor = 0, DataCursor()
+    resume_uri = ckpt.resolve_resume(cfg.train.resume, cfg.run.store, cfg.run.name)
+    if resume_uri:
+        state = ckpt.load_checkpoint(engine, meta, resume_uri, cfg.run.name, d.rank,
+                                     d.world_size, zero_stage)
+        start_step, cursor = int(state["step"]), DataCursor.from_dict(state["data_cursor"])
+    loader = MultiCropLoader(cfg, d.rank, d.world_size, cursor, start_step=start_step)
+
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype)
+    lc = LoopConfig(
+        store=cfg.run.store, run_name=cfg.run.name, total_steps=schedules.total_iters,
+        checkpoint_every=max(cfg.train.checkpoint_every, 1), keep_checkpoints=cfg.train.keep_checkpoints,
+        log_every=cfg.train.log_every, world_size=d.world_size, zero_stage=zero_stage,
+        rank=d.rank, device=d.device, global_batch=cfg.train.batch_size_per_gpu * d.world_size,
+        extra_state={"config_hash": config_hash(cfg)},
+    )
+    sample_log_path = os.environ.get("DINOCTL_SAMPLE_LOG")
+    sample_log = jsonl_sample_log(f"{sample_log_path}.rank{d.rank}.jsonl", d.rank) if sample_log_path else None
+    log.info("pretrain %s: %s, ZeRO-%d, %s, world %d, steps %d..%d", cfg.run.name, cfg.model.arch,
+             zero_stage, precision, d.world_size, start_step, schedules.total_iters)
+    with _tracking(cfg) as tracker:  # rank 0 only; logs the resolved config as params
+        result = train_loop(parts, loader, lc, start_step, tracker.log_metrics, stop, sample_log)
+        if result.preempted:
+            return PREEMPTED_EXIT_CODE
+        if d.rank == 0:
+            summary = _summary(cfg, result, d, precision, started)
+            export_run(parts, cfg.run.store, cfg.run.name, dump_yaml(cfg), summary)
+            tracker.log_summary(summary)
+    return 0
+
+
+def _summary(cfg: Config, result, d, precision: str, started: float) -> dict[str, Any]:
+    return {
+        "run": cfg.run.name, "steps": result.steps,
+        "final_losses": {k: v for k, v in result.last.items() if k.endswith("loss")},
+        "images_per_s": result.images_per_s, "world_size": d.world_size,
+        "zero_stage": cfg.train.zero_stage, "precision": precision,
+        "wall_s": round(time.monotonic() - started, 1), "config_hash": config_hash(cfg),
+    }
+
+
+@contextlib.contextmanager
+def _tracking(cfg: Config):
+    """The MLflow run of this stage (`app.tracking`; a no-op tracker on ranks other than 0).
+    A tracking server that cannot be reached costs the metrics, never the training run."""
+    from app.tracking import NullTracker, get_tracker
+
+    try:
+        ctx = get_tracker().start("pretrain", config=cfg)
+        tracker = ctx.__enter__()
+    except Exception as exc:  # noqa: BLE001 - tracking must not kill training
+        log.warning("MLflow tracking disabled: %s", exc)
+        yield NullTracker()
+        return
+    try:
+        yield tracker
+    except BaseException:
+        if not ctx.__exit__(*sys.exc_info()):
+            raise
+    else:
+        ctx.__exit__(None, None, None)
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

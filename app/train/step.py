@@ -1,0 +1,73 @@
+"""One training step as a function of (batch, step).
+
+    losses = train_step(parts, batch, step)
+
+Sets the scheduled lr / weight decay, runs teacher and student, checks every loss term is
+finite on every rank *before* backward (so a NaN never reaches the weights or a checkpoint),
+lets the engine do backward + clipping + the optimizer step, then moves the EMA teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from app.ssl.meta_arch import SSLMetaArch
+from app.ssl.param_groups import apply_schedules
+from app.ssl.schedules import Schedules
+from app.train.engine import optimizer_param_groups
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or inf; raised before backward, so no state was changed."""
+
+
+@dataclass
+class TrainParts:
+    engine: Any  # the DeepSpeed engine wrapping the student SSLNetwork
+    meta: SSLMetaArch  # EMA teacher + centers + losses
+    schedules: Schedules
+    zero_stage: int
+    compute_dtype: torch.dtype  # bf16 on GPU, fp32 on CPU
+
+
+def train_step(parts: TrainParts, batch: dict, step: int) -> dict[str, float]:
+    """Run step `step` on `batch` (already on the device); return the rank-averaged loss terms
+    and the schedule values used."""
+    s = parts.schedules.at(step)
+    apply_schedules(SimpleNamespace(param_groups=optimizer_param_groups(parts.engine)),
+                    s.lr, s.wd, s.last_layer_lr)
+    teacher_out = parts.meta.get_teacher_output(batch, s.teacher_temp, parts.compute_dtype)
+    student_out = parts.meta.get_student_output(parts.engine, batch, parts.compute_dtype)
+    losses = parts.meta.compute_losses(student_out, teacher_out, batch)
+    values = reduce_losses(losses)
+    check_finite(values, step)
+    parts.engine.backward(losses["total_loss"])
+    parts.engine.step()
+    parts.meta.update_teacher(parts.engine.module, s.momentum, zero3=parts.zero_stage == 3)
+    values.update(lr=s.lr, wd=s.wd, momentum=s.momentum, teacher_temp=s.teacher_temp,
+                  last_layer_lr=s.last_layer_lr)
+    return values
+
+
+def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each term over ranks (one all-reduce); every rank gets the same numbers, so all
+    ranks agree on whether to stop."""
+    names = sorted(losses)
+    vec = torch.stack([losses[n].detach().float() for n in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+        vec /= dist.get_world_size()
+    return dict(zip(names, vec.cpu().tolist()))
+
+
+def check_finite(values: dict[str, float], step: int) -> None:
+    bad = [n for n, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    if bad:
+        detail = ", ".join(f"{n}={values[n]}" for n in bad)
+        raise NonFiniteLoss(f"non-finite loss at step {step}: {detail}; stopping without "
+                            "updating weights or writing a checkpoint")

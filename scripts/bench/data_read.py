@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Shard read throughput from `file://` and from a real S3 server (SeaweedFS), as JSON.
+
+    .venv/bin/python scripts/bench/data_read.py [--images 3000] [--size 96] [--no-s3]
+
+Generates a synthetic dataset first (its generation rate is reported too), then streams every
+shard with `iter_samples`, once without and once with JPEG decoding, and does a few hundred
+random-access `Dataset.get` reads through index offsets. The file:// numbers read from the page
+cache (the shards were just written), so they bound what the reader itself costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from app import storage  # noqa: E402
+from app.data import Dataset, decode_image, iter_samples  # noqa: E402
+from app.data.synth import synthesize  # noqa: E402
+
+
+def _stream(uri: str, decode: bool) -> dict:
+    n = nbytes = 0
+    t0 = time.perf_counter()
+    for s in iter_samples(uri):
+        n += 1
+        nbytes += len(s.image_bytes)
+        if decode:
+            decode_image(s.image_bytes, s.key)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": round(dt, 3), "images_per_s": round(n / dt, 1),
+            "MB_per_s": round(nbytes / dt / 1e6, 2)}
+
+
+def _random_access(uri: str, count: int, seed: int = 0) -> dict:
+    ds = Dataset(uri)
+    idx = random.Random(seed).sample(range(len(ds)), min(count, len(ds)))
+    nbytes = 0
+    t0 = time.perf_counter()
+    for i in idx:
+        nbytes += len(ds.get(i).image_bytes)
+    dt = time.perf_counter() - t0
+    return {"reads": len(idx), "reads_per_s": round(len(idx) / dt, 1),
+            "MB_per_s": round(nbytes / dt / 1e6, 2)}
+
+
+def _measure(uri: str, random_reads: int) -> dict:
+    ds = Dataset(uri)
+    out = {"uri_scheme": storage.parse_uri(uri)[0], "shards": ds.stats["num_shards"],
+           "shard_MB": round(ds.stats["bytes"] / 1e6, 2)}
+    _stream(uri, decode=False)  # warm-up: first-touch costs (imports, connections)
+    out["stream_decode_excluded"] = _stream(uri, decode=False)
+    out["stream_decode_included"] = _stream(uri, decode=True)
+    out["random_access"] = _random_access(uri, random_reads)
+    return out
+
+
+def _upload(local_uri: str, remote_uri: str) -> float:
+    t0 = time.perf_counter()
+    for obj in storage.list_objects(local_uri + "/"):
+        rel = obj.uri[len(local_uri) + 1:]
+        storage.put_file(storage.join(remote_uri, rel), storage.parse_uri(obj.uri)[2])
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--random-reads", type=int, default=300)
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 measurement")
+    args = p.parse_args(argv)
+
+    result: dict = {"benchmark": "data_read", "host": platform.node(),
+                    "cpus": os.cpu_count(), "python": platform.python_version()}
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        out = "file://" + os.path.join(tmp, "synth")
+        t0 = time.perf_counter()
+        synthesize(out, seed=0, n_pool=args.images, n_seeds=0, n_eval_train=0, n_eval_val=0,
+                   image_size=args.size, n_corrupt=0, max_samples_per_shard=args.shard_size)
+        gen = time.perf_counter() - t0
+        result["synth"] = {"images": args.images, "image_size": args.size,
+                           "seconds": round(gen, 2), "images_per_s": round(args.images / gen, 1)}
+        local = storage.join(out, "pool")
+        result["file"] = _measure(local, args.random_reads)
+
+        if not args.no_s3:
+            from tests.services import seaweedfs
+
+            with seaweedfs(os.path.join(tmp, "seaweedfs"), bucket="bench") as server:
+                os.environ.update(server.env)
+                remote = server.uri("pool")
+                up = _upload(local, remote)
+                result["s3"] = _measure(remote, args.random_reads)
+                result["s3"]["upload_MB_per_s"] = round(result["file"]["shard_MB"] / up, 2)
+                result["s3"]["server"] = "seaweedfs (weed mini) on 127.0.0.1"
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

