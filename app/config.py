@@ -217,6 +217,12 @@ class EvalConfig:
     linear_n_last_blocks: int = 1
     image_size: int = 224
     batch_size: int = 64
+    model: str = ""  # run URI (<store>/runs/<name>) or backbone file; empty = runs/<run.name>  # H9
+    cache: bool = True  # reuse features under <store>/cache/features/<hash>.pt  # H9
+    num_workers: int = 2  # image-decoding threads during feature extraction  # H9
+    linear_batch_size: int = 256  # H9
+    linear_heldout_fraction: float = 0.2  # part of train that selects (lr, wd)  # H9
+    registry_name: str = ""  # registered model name; empty = dinov2-<arch>  # H9
 
 
 @dataclass
@@ -413,9 +419,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), _parse_scalar(value)
 
 
+def _target_type(keys: list[str]) -> Any:
+    """The declared type of the dotted field `keys`, or None if there is no such field."""
+    cls: Any = Config
+    tp: Any = None
+    for key in keys:
+        cls, _ = _unwrap_optional(cls)
+        if not dataclasses.is_dataclass(cls):
+            return None
+        tp = _hints(cls).get(key)
+        if tp is None:
+            return None
+        cls = tp
+    return tp
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     for item in overrides or []:
         keys, value = parse_override(item)
+        if _target_type(keys) is str:
+            # A string field takes the text as typed: YAML would turn `0123` into 83 and `yes`
+            # into True before we ever saw it.
+            value = item.split("=", 1)[1].strip()
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}

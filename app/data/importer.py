@@ -173,7 +173,9 @@ def _import_files(writer: ShardWriter, root: str, files: list[str], labelled: bo
             images.append(rel)
         else:
             writer.skip(rel, f"not an image file (extension '{os.path.splitext(rel)[1]}')")
-    classes = sorted({rel.split(os.sep, 1)[0] for rel in images if os.sep in rel}) if labelled else []
+    classes = sorted({rel.split(os.sep, 1)[0] for rel in images if os.sep in rel})
+    if not labelled:
+        classes = []
     label_of = {c: i for i, c in enumerate(classes)}
     keys = KeyMaker()
     paths = [os.path.join(root, rel) for rel in images]

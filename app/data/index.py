@@ -17,7 +17,9 @@ Index columns, one row per sample in shard order:
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator
+import os
+from collections import OrderedDict
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,24 +71,70 @@ def shards_for_rank(shard_uris: list[str], rank: int, world_size: int) -> list[s
     return list(shard_uris[rank::world_size])
 
 
-def _read_range(uri: str, offset: int, size: int) -> bytes:
-    backend = storage.get_storage(uri)
-    if hasattr(backend, "get_range"):  # a backend may serve byte ranges natively (S3 Range GET)
-        return backend.get_range(storage.to_uri(uri), offset, size)
+class _RangeReader:
+    """Byte ranges of shard objects through a few open readers kept between calls.
+
+    `Dataset.get` in a loader reads many samples of the same shard; reopening the object each
+    time costs a request on S3. Readers are per process (a forked DataLoader worker opens its
+    own) and are dropped when the owner is pickled.
+    """
+
+    def __init__(self, max_open: int = 4):
+        self.max_open = max_open
+        self._pid = os.getpid()
+        self._open: OrderedDict[str, BinaryIO] = OrderedDict()
+
+    def read(self, uri: str, offset: int, size: int) -> bytes:
+        backend = storage.get_storage(uri)
+        if hasattr(backend, "get_range"):  # a backend may serve byte ranges natively
+            return backend.get_range(storage.to_uri(uri), offset, size)
+        if self._pid != os.getpid():
+            self._open = OrderedDict()  # the parent's handles stay the parent's
+            self._pid = os.getpid()
+        f = self._open.pop(uri, None)
+        if f is None:
+            f = storage.open_read(uri)
+        if not f.seekable():
+            f.close()
+            return _read_range_streaming(uri, offset, size)
+        self._open[uri] = f
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            self._open.pop(uri).close()
+            raise storage.StorageError(f"{uri}: short read at offset {offset} ({len(data)}/{size})")
+        return data
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+def _read_range_streaming(uri: str, offset: int, size: int) -> bytes:
     with storage.open_read(uri) as f:
-        if f.seekable():
-            f.seek(offset)
-        else:  # a plain stream: read and drop the bytes before the image
-            remaining = offset
-            while remaining:
-                chunk = f.read(min(remaining, 1 << 20))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
+        remaining = offset
+        while remaining:  # a plain stream: read and drop the bytes before the image
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            remaining -= len(chunk)
         data = f.read(size)
     if len(data) != size:
         raise storage.StorageError(f"{uri}: short read at offset {offset} ({len(data)}/{size})")
     return data
+
+
+def read_stats(dataset_uri: str) -> dict[str, Any]:
+    """`_stats.json` of a complete dataset; a clear error for one still being written."""
+    uri = storage.to_uri(dataset_uri).rstrip("/")
+    stats_uri = storage.join(uri, STATS_NAME)
+    if not storage.exists(stats_uri):
+        raise storage.StorageError(
+            f"{uri}: not a complete dataset (no {STATS_NAME}; still being written or its writer "
+            "failed)")
+    return storage.get_json(stats_uri)
 
 
 class Dataset:
@@ -98,14 +146,23 @@ class Dataset:
 
     def __init__(self, uri: str):
         self.uri = storage.to_uri(uri).rstrip("/")
-        stats_uri = storage.join(self.uri, STATS_NAME)
-        if not storage.exists(stats_uri):
-            raise storage.StorageError(
-                f"{self.uri}: not a complete dataset (no {STATS_NAME}; still being written or "
-                "its writer failed)")
-        self.stats: dict[str, Any] = storage.get_json(stats_uri)
+        self.stats: dict[str, Any] = read_stats(self.uri)
         self.index = read_index(self.uri)
         self._rows: list[dict[str, Any]] | None = None
+        self._reader = _RangeReader()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None  # open readers do not cross process boundaries
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reader = _RangeReader()
+
+    def close(self) -> None:
+        """Close the shard readers `get` keeps open (also done when the Dataset is collected)."""
+        self._reader.close()
 
     def __len__(self) -> int:
         return self.index.num_rows
@@ -152,7 +209,7 @@ class Dataset:
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         row = self.rows[i]
         shard_uri = storage.join(self.uri, row["shard"])
-        data = _read_range(shard_uri, row["offset"], row["size"])
+        data = self._reader.read(shard_uri, row["offset"], row["size"])
         meta = {k: row[k] for k in ("label", "label_name", "source", "width", "height")}
         meta["key"] = row["key"]
         return Sample(row["key"], data, meta)

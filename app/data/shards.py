@@ -135,9 +135,10 @@ class ShardWriter:
         record.update({k: v for k, v in meta.items() if k not in record})
         meta_bytes = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
 
-        size = len(image_bytes) + len(meta_bytes) + 2048  # headers and padding, roughly
+        size = (_member_bytes(f"{key}.{IMAGE_EXT}", len(image_bytes))
+                + _member_bytes(f"{key}.json", len(meta_bytes)))
         if self._shard_rows and (len(self._shard_rows) >= self.max_samples
-                                 or self._shard_bytes + size > self.max_bytes):
+                                 or _tar_file_bytes(self._shard_bytes + size) > self.max_bytes):
             self._flush_shard()
         if self._tar is None:
             self._open_shard()
@@ -270,6 +271,18 @@ class ShardWriter:
         return stats
 
 
+def _member_bytes(name: str, size: int) -> int:
+    """Bytes a member takes in the tar: header, data padded to 512, PAX header for long names."""
+    pax = 1024 if len(name) > 100 else 0
+    return pax + 512 + (size + 511) // 512 * 512
+
+
+def _tar_file_bytes(member_bytes: int) -> int:
+    """File size once closed: two zero blocks end the archive, padded to whole 10 KiB records."""
+    total = member_bytes + 1024
+    return (total + tarfile.RECORDSIZE - 1) // tarfile.RECORDSIZE * tarfile.RECORDSIZE
+
+
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
@@ -280,7 +293,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _split_member(name: str) -> tuple[str, str]:
-    """`dir/abc.seg.jpg` -> (`dir/abc`, `seg.jpg`): WebDataset splits at the first dot of the base."""
+    """`dir/abc.seg.jpg` -> (`dir/abc`, `seg.jpg`): split at the first dot of the base name."""
     base = name.rsplit("/", 1)
     stem_dir = base[0] + "/" if len(base) == 2 else ""
     leaf = base[-1]
@@ -310,12 +323,14 @@ def iter_tar_samples(fileobj: BinaryIO, source: str = "tar") -> Iterator[Sample]
                 try:
                     meta.update(json.loads(data))
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise storage.StorageError(f"{source}: member {name} is not valid JSON") from None
+                    raise storage.StorageError(
+                        f"{source}: member {name} is not valid JSON") from None
             elif ext == "cls":
                 try:
                     meta.setdefault("label", int(data.strip()))
                 except ValueError:
-                    raise storage.StorageError(f"{source}: member {name} is not an integer") from None
+                    raise storage.StorageError(
+                        f"{source}: member {name} is not an integer") from None
             elif ext in _IMAGE_MEMBER_EXTS and not image:
                 image = data
     except TarFormatError as exc:
@@ -338,9 +353,9 @@ def iter_samples(dataset_uri: str, shards: Iterable[str] | None = None) -> Itera
     """
     base = storage.to_uri(dataset_uri).rstrip("/")
     if shards is None:
-        from app.data.index import Dataset
+        from app.data.index import read_stats
 
-        shards = Dataset(base).shard_uris
+        shards = read_stats(base).get("shards", [])
     for shard in shards:
         uri = shard if "://" in shard else storage.join(base, shard)
         yield from iter_shard(uri)

@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="synth", description=__doc__.split("\n")[0])
     add_synth_args(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_synth(parser.parse_args(argv))
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

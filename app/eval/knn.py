@@ -75,3 +75,38 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     cm.index_put_((target.long(), pred.long()), torch.ones_like(target, dtype=torch.long), accumulate=True)
     return cm
+
+
+def knn_predictions(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    ks: tuple[int, ...] | list[int],
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> dict[int, torch.Tensor]:
+    """Predicted class [Q] for every k, from one top-max(k) search (k capped to the bank size).
+
+    Same votes as `knn_predict_scores`: top-k cosine similarities weighted by exp(sim / T).
+    """
+    if not ks:
+        raise ValueError("ks must name at least one k")
+    if min(ks) < 1:
+        raise ValueError(f"every k must be >= 1, got {list(ks)}")
+    c = int(num_classes if num_classes is not None else int(train_labels.max()) + 1)
+    bank = F.normalize(train_features.float(), dim=1)
+    labels = train_labels.long()
+    k_max = min(max(ks), bank.shape[0])
+    preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
+    for start in range(0, query_features.shape[0], chunk_size):
+        q = F.normalize(query_features[start : start + chunk_size].float(), dim=1)
+        sims, idx = (q @ bank.T).topk(k_max, dim=1)  # sorted, so the first k are the top k
+        weights = (sims / temperature).exp()
+        neighbour_labels = labels[idx]
+        for k in preds:
+            kk = min(k, k_max)
+            votes = torch.zeros(q.shape[0], c, dtype=weights.dtype)
+            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            preds[k].append(votes.argmax(1))
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in preds.items()}

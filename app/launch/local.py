@@ -34,6 +34,7 @@ from app.launch.store import (JobStore, new_record, phase_of, record_to_status, 
 
 POLL_S = 0.05
 KILL_GRACE_S = 10.0
+TRACK_S = 0.25  # how often the supervisor records the processes below each replica
 WORKER_GRACE_S = 30.0  # after the Master succeeded, how long Workers may take to exit on their own
 # Variables a parent torchrun/launcher may have set; a replica must see only the operator's values.
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -99,9 +100,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`, read from /proc."""
-    pids = []
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgrp, state) for every process, read from /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -110,31 +111,72 @@ def group_pids(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
+        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
 
 
-def kill_groups(pgids: list[int], grace: float = KILL_GRACE_S) -> None:
-    """SIGTERM every group, wait up to `grace` s for all members to exit, then SIGKILL."""
+def _start_time(pid: int) -> int:
+    """Kernel start time of `pid` (clock ticks since boot); 0 if it is gone. Guards pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return 0 if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group `pgid`."""
+    return [pid for pid, (_, pgrp, state) in _proc_table().items()
+            if pgrp == pgid and state not in ("Z", "X")]
+
+
+def descendants(root: int) -> list[int]:
+    """Live processes below `root` (torchrun starts its workers in sessions of their own, so a
+    replica's process group alone does not cover them)."""
+    children: dict[int, list[int]] = {}
+    table = _proc_table()
+    for pid, (ppid, _, state) in table.items():
+        if state not in ("Z", "X"):
+            children.setdefault(ppid, []).append(pid)
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def alive_processes(procs: list[list[int]]) -> list[int]:
+    """The pids of `[[pid, start_time], ...]` that are still the same live process."""
+    return [pid for pid, start in procs if start and _start_time(pid) == start]
+
+
+def kill_processes(pgids: list[int], procs: list[list[int]], grace: float = KILL_GRACE_S) -> None:
+    """SIGTERM every group and every known process `[[pid, start_time], ...]`, wait up to `grace`
+    seconds for all to exit, then SIGKILL what is left."""
+    def remaining() -> bool:
+        return bool(alive_processes(procs)) or any(group_pids(g) for g in pgids)
+
     def signal_all(sig: int) -> None:
         for pgid in pgids:
             try:
                 os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+        for pid in alive_processes(procs):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not any(group_pids(g) for g in pgids):
-            return
-        time.sleep(POLL_S)
-    signal_all(signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(group_pids(g) for g in pgids):
-        time.sleep(POLL_S)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        signal_all(sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not remaining():
+                return
+            time.sleep(POLL_S)
 
 
 def _signal_name(code: int) -> str:
@@ -201,15 +243,32 @@ class Supervisor:
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self.procs[replica] = proc
             self.record["replicas"][replica] = {"pid": proc.pid, "pgid": proc.pid, "node_rank": rank,
-                                                "exit_code": None}
+                                                "exit_code": None,
+                                                "processes": [[proc.pid, _start_time(proc.pid)]]}
         if not self.record["start_time"]:
             self.record["start_time"] = time.time()
         set_condition(self.record, "Running", "PyTorchJobRunning",
                       f"PyTorchJob {self.name} is running.")
         self._save()
 
+    def _track(self) -> None:
+        """Remember every process below each replica's torchrun, so they can be killed even after
+        torchrun itself died (its workers would otherwise be orphaned)."""
+        changed = False
+        for replica, proc in self.procs.items():
+            info = self.record["replicas"][replica]
+            known = {pid for pid, _ in info["processes"]}
+            for pid in descendants(proc.pid):
+                if pid not in known:
+                    info["processes"].append([pid, _start_time(pid)])
+                    changed = True
+        if changed:
+            self._save()
+
     def _stop_group(self) -> None:
-        kill_groups([p.pid for p in self.procs.values()])
+        self._track()
+        kill_processes([p.pid for p in self.procs.values()],
+                       [pp for r in self.procs for pp in self.record["replicas"][r]["processes"]])
         for replica, proc in self.procs.items():
             proc.wait()
             self.record["replicas"][replica]["exit_code"] = exit_code(proc.returncode)
@@ -233,8 +292,12 @@ class Supervisor:
         self._start_group()
         deadline = self.spec.active_deadline_seconds
         master_done_at = 0.0
+        last_track = 0.0
         while True:
             time.sleep(POLL_S)
+            if time.monotonic() - last_track > TRACK_S:
+                self._track()
+                last_track = time.monotonic()
             if self._cancel_requested():
                 return self._finish("Failed", "Cancelled", "cancelled by user")
             if deadline and time.time() - self.record["start_time"] > deadline:
@@ -359,9 +422,9 @@ class LocalExecutor:
         return [self.status(n) for n in self.store.names()]
 
     def replica_pids(self, name: str) -> dict[str, list[int]]:
-        """Live pids of every replica's process group (the replica's torchrun and its workers)."""
+        """Live pids of every replica: its torchrun and the processes below it."""
         record = self.store.record(name)
-        return {r: group_pids(info["pgid"]) for r, info in record["replicas"].items()}
+        return {r: alive_processes(info["processes"]) for r, info in record["replicas"].items()}
 
     def logs(self, name: str, replica: str = "master-0", follow: bool = False) -> Iterator[str]:
         spec = self.store.spec(name)
@@ -408,7 +471,8 @@ class LocalExecutor:
                     return record_to_status(record)
                 break  # no supervisor left to do it: clean up here
             time.sleep(POLL_S)
-        kill_groups([info["pgid"] for info in record["replicas"].values()])
+        kill_processes([info["pgid"] for info in record["replicas"].values()],
+                       [pp for info in record["replicas"].values() for pp in info["processes"]])
         set_condition(record, "Failed", "Cancelled", "cancelled by user (supervisor gone)")
         record["completion_time"] = time.time()
         self.store.write_record(name, record)

@@ -11,8 +11,8 @@ from app.ssl.centering import (
 )
 from app.ssl.dino_loss import dino_cross_entropy, dino_loss, dino_multicrop_loss, dino_pair_count
 from app.ssl.ibot_loss import ibot_patch_loss, ibot_patch_loss_masked
-from app.ssl.koleo_loss import koleo_loss
-from app.ssl.masking import BlockMaskGenerator, collate_data_and_masks, sample_masks
+from app.ssl.koleo_loss import koleo_loss, koleo_loss_per_crop
+from app.ssl.masking import BlockMaskGenerator, collate_data_and_masks, numpy_rng_from_torch, sample_masks
 from app.ssl.param_groups import apply_schedules, get_params_groups
 from app.ssl.schedules import Schedules, ScheduleValues, cosine_schedule, teacher_temperature_schedule
 
@@ -34,6 +34,8 @@ __all__ = [
     "ibot_patch_loss",
     "ibot_patch_loss_masked",
     "koleo_loss",
+    "koleo_loss_per_crop",
+    "numpy_rng_from_torch",
     "sample_masks",
     "sinkhorn_knopp",
     "softmax_center_teacher",

@@ -101,7 +101,7 @@ def _logsumexp_over_ranks(log_q: Tensor, dim: int) -> Tensor:
         peak = log_q.amax(dim=dim, keepdim=True)
     all_reduce_max(peak)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(log_q - peak).sum(dim=dim, keepdim=True)
+    total = (log_q - peak).exp_().sum(dim=dim, keepdim=True)  # one [K, B]-sized temporary
     all_reduce_sum(total)
     return torch.log(total) + peak
 
@@ -147,13 +147,14 @@ def sinkhorn_knopp(
 
     log_q = (teacher_logits.float() / teacher_temp).t()  # [K, B_local]
     # Q /= sum(Q) over everything (all ranks): one global log-sum-exp.
-    log_q = log_q - _logsumexp_over_ranks(log_q.reshape(1, log_q.numel()), dim=1).reshape(())
+    # In-place updates keep the peak memory at ~2x [K, B] (K can be 131k, B ~1000 masked patches).
+    log_q.sub_(_logsumexp_over_ranks(log_q.reshape(1, log_q.numel()), dim=1).reshape(()))
 
     for _ in range(n_iterations):
         # Each prototype (row) gets total mass 1/K; its samples live on all ranks.
-        log_q = log_q - _logsumexp_over_ranks(log_q, dim=1) - log_k
+        log_q.sub_(_logsumexp_over_ranks(log_q, dim=1) + log_k)
         # Each sample (column) gets total mass 1/B; a column is local to its rank.
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b
+        log_q.sub_(torch.logsumexp(log_q, dim=0, keepdim=True) + log_b)
 
     # Q *= B: each sample's column now sums to exactly 1.
-    return torch.exp(log_q + log_b).t()
+    return log_q.add_(log_b).exp_().t()

@@ -49,3 +49,10 @@ def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
         idx = nearest_neighbour_indices(x)
     distances = torch.linalg.vector_norm(x - x[idx] + eps, dim=-1)
     return -torch.log(distances + eps).mean()
+
+
+def koleo_loss_per_crop(student_cls: Tensor, n_crops: int, eps: float = 1e-8) -> Tensor:
+    """DINOv2's use: the sum over crops of KoLeo within each crop (never across two crops of the
+    same image). student_cls: [n_crops * B, D] crop-major backbone CLS (pre-head). Returns the
+    float32 scalar to multiply by `dino.koleo_loss_weight` (0.1)."""
+    return sum(koleo_loss(chunk, eps) for chunk in student_cls.chunk(n_crops))

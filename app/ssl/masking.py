@@ -101,6 +101,15 @@ class BlockMaskGenerator:
         return mask
 
 
+def numpy_rng_from_torch() -> np.random.Generator:
+    """A numpy Generator seeded from torch's global RNG (one 63-bit draw).
+
+    Inside a DataLoader worker torch's RNG is seeded per worker from the loader's generator, so
+    `collate_data_and_masks(..., rng=numpy_rng_from_torch())` there is as reproducible as the
+    augmentation; in the main process, seed torch (or pass your own Generator) instead."""
+    return np.random.default_rng(int(torch.randint(0, 2**63 - 1, (1,)).item()))
+
+
 def _crops_of(sample: Any) -> dict:
     """A dataset item is the augmentation dict, or a (dict, target) pair like torchvision's."""
     if isinstance(sample, dict):

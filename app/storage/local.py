@@ -14,6 +14,16 @@ def _path(uri: str) -> str:
     return parse_uri(uri)[2]
 
 
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; objects should get the usual permissions (0666 minus umask).
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def _atomic_write(path: str, writer) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -23,6 +33,7 @@ def _atomic_write(path: str, writer) -> None:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -62,7 +62,8 @@ def _env_number(name: str, default: float, cast: type) -> float:
     try:
         value = cast(raw)
     except ValueError:
-        raise StorageError(f"{name}={raw!r}: expected a {cast.__name__}") from None
+        kind = "an integer" if cast is int else "a number"
+        raise StorageError(f"{name}={raw!r}: expected {kind}") from None
     if value < 0:
         raise StorageError(f"{name}={raw!r}: must be >= 0")
     return value

@@ -37,12 +37,17 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.pid = os.getpid()
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handler)
 
-    def _handler(self, signum, frame) -> None:  # only sets a flag: the step finishes cleanly
-        self.requested = True
+    def _handler(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked DataLoader worker inherited us: die as usual
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.requested = True  # only a flag: the current step finishes, then all ranks save
 
     def agreed(self, device: torch.device) -> bool:
         if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -16,7 +16,7 @@ import pytest
 
 from app import cli
 from app.launch.jobspec import JobSpec
-from app.launch.local import LocalExecutor, exit_code, group_pids, retryable
+from app.launch.local import LocalExecutor, exit_code, retryable
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOAD = "tests.workloads.gloo_job"
@@ -29,6 +29,35 @@ def wait_for(path: Path, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.05)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every live process below it, from /proc (independent of the executor's view)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    out, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        out += frontier
+    return out
+
+
+def still_running(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] not in "ZX":
+            alive.append(pid)
+    return alive
 
 
 def job(name: str, out: Path, *extra: str, **kw) -> JobSpec:
@@ -118,13 +147,16 @@ def test_each_replica_sees_the_pytorchjob_environment(tmp_path, home):
     assert (home / "jobs" / name / "worker-0.log").exists()
 
 
-def _kill_worker_when_ready(ex: LocalExecutor, name: str, out: Path) -> dict:
-    """SIGKILL worker-0's torchrun once both replicas reached the hold step; returns the pids."""
+def _kill_worker_when_ready(ex: LocalExecutor, name: str, out: Path) -> tuple[dict, list[int]]:
+    """SIGKILL worker-0's torchrun once both replicas reached the hold step (its training process
+    is orphaned, as in a pod whose main process died); returns the replicas and all their pids."""
     wait_for(out / "ready-0")
     wait_for(out / "ready-1")
     replicas = ex.store.record(name)["replicas"]
+    pids = [p for info in replicas.values() for p in process_tree(info["pid"])]
+    assert len(pids) == 4  # two torchrun agents, two training processes
     os.kill(replicas["worker-0"]["pid"], signal.SIGKILL)
-    return replicas
+    return replicas, pids
 
 
 @pytest.mark.slow
@@ -133,7 +165,7 @@ def test_sigkilled_replica_restarts_the_whole_group_which_resumes_from_its_check
     ex = LocalExecutor(home=home, workdir=REPO)  # detached supervisor, like `dinoctl submit`
     name = ex.submit(job("killme", out, "--steps", "4", "--hold-at", "2",
                          restart_policy="OnFailure", backoff_limit=2))
-    first = _kill_worker_when_ready(ex, name, out)
+    first, first_pids = _kill_worker_when_ready(ex, name, out)
     status = ex.wait(name, timeout=180)
 
     assert status.phase == "Succeeded", status.reason
@@ -147,8 +179,7 @@ def test_sigkilled_replica_restarts_the_whole_group_which_resumes_from_its_check
     record = ex.store.record(name)
     assert record["replicas"]["master-0"]["pid"] != first["master-0"]["pid"]  # group restarted
     assert "attempt 2" in (home / "jobs" / name / "master-0.log").read_text()
-    for info in record["replicas"].values():
-        assert group_pids(info["pgid"]) == []
+    assert still_running(first_pids) == []  # the orphaned training process was killed too
 
 
 @pytest.mark.slow
@@ -156,8 +187,9 @@ def test_sigkill_with_backoff_limit_zero_fails_and_status_shows_why(tmp_path, ho
     out = tmp_path / "out"
     ex = LocalExecutor(home=home, workdir=REPO)
     name = ex.submit(job("nobackoff", out, "--steps", "4", "--hold-at", "1", backoff_limit=0))
-    _kill_worker_when_ready(ex, name, out)
+    _, pids = _kill_worker_when_ready(ex, name, out)
     status = ex.wait(name, timeout=120)
+    assert still_running(pids) == []
     assert status.phase == "Failed" and status.restarts == 0
     assert not (out / "result.json").exists()
 
@@ -180,16 +212,15 @@ def test_cancel_stops_every_process_of_every_replica(tmp_path, home, capsys):
     name = ex.submit(job("cancelme", out, "--steps", "3", "--hold-at", "1", nproc_per_node=2))
     for rank in range(4):
         wait_for(out / f"ready-{rank}")
-    pids = [p for group in ex.replica_pids(name).values() for p in group]
-    assert len(pids) >= 6  # 2 torchrun agents + 4 training processes
+    pids = [p for info in ex.store.record(name)["replicas"].values()
+            for p in process_tree(info["pid"])]
+    assert len(pids) == 6  # 2 torchrun agents + 4 training processes
 
     rc, text = run_cli(capsys, "cancel", name)
     assert rc == 0 and "ancelled" in text
     status = ex.status(name)
     assert status.phase == "Failed" and status.conditions[-1].reason == "Cancelled"
-    alive = [p for p in pids if Path(f"/proc/{p}").exists()
-             and Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] != "Z"]
-    assert alive == []
+    assert still_running(pids) == []
 
 
 @pytest.mark.slow
@@ -225,8 +256,7 @@ def test_active_deadline_fails_a_job_that_runs_too_long(tmp_path, home):
                          active_deadline_seconds=2))  # it holds forever: never released
     status = ex.wait(name, timeout=120)
     assert status.phase == "Failed" and status.conditions[-1].reason == "DeadlineExceeded"
-    for info in ex.store.record(name)["replicas"].values():
-        assert group_pids(info["pgid"]) == []
+    assert still_running(ex.store.record(name)["replicas"]["master-0"]["processes"][0][:1]) == []
 
 
 @pytest.mark.slow
@@ -243,3 +273,32 @@ def test_rerun_clones_the_spec_under_a_new_name_and_resumes(tmp_path, home, caps
     assert ex.status("again-r1").phase == "Succeeded"
     assert json.loads((out / "result.json").read_text())["resumed_from"] == 2
     assert ex.store.next_rerun_name("again-r1") == "again-r2"
+
+
+# ------------------------------------------------------------------------------------------------
+# Acceptance: the real pretraining stage, 2 replicas, one SIGKILLed after its first checkpoint.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_pretraining_job_survives_a_sigkilled_replica_and_resumes_from_latest(tmp_path, home):
+    from tests.workloads import pretrain_case as case
+
+    if not case.pretraining_available():
+        pytest.skip("app/train/run.py (the pretraining stage) is not built yet")
+    store = tmp_path / "store"
+    dataset = case.synth_tiny(store)
+    ex = LocalExecutor(home=home, workdir=REPO)
+    name = ex.submit(case.pretrain_spec("pt-kill", store, dataset, tmp_path / "staging"))
+    wait_for(case.latest_path(store, name), timeout=300)
+    os.kill(ex.store.record(name)["replicas"]["worker-0"]["pid"], signal.SIGKILL)
+    status = ex.wait(name, timeout=400)
+
+    assert status.phase == "Succeeded", status.reason
+    assert status.restarts == 1
+    assert case.export_success(store, name).exists()
+    summary = json.loads((store / "runs" / name / "export" / "summary.json").read_text())
+    assert summary["steps"] == case.STEPS and summary["world_size"] == 2
+    log = (home / "jobs" / name / "master-0.log").read_text()
+    second_attempt = log.split("attempt 2")[1]
+    assert "resumed from" in second_attempt  # the restarted group continued from LATEST

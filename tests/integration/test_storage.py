@@ -285,3 +285,21 @@ def test_server_down_past_retries_is_a_clear_error(private_s3, monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg == f"{uri}: get failed after 3 attempts against {private_s3.endpoint} (connection refused)"
+
+
+def test_storage_cli_round_trip_through_s3(s3_env, s3_server, tmp_path, capsys):
+    from app.cli import main
+
+    src = tmp_path / "dir"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.txt").write_text("beta")
+    dst = s3_server.uri("copied")
+    assert main(["storage", "cp", "-r", str(src), dst]) == 0
+    assert main(["storage", "ls", "-r", dst]) == 0
+    listing = capsys.readouterr().out
+    assert f"{dst}/a.txt" in listing and f"{dst}/sub/b.txt" in listing
+    assert main(["storage", "cat", f"{dst}/sub/b.txt"]) == 0
+    assert capsys.readouterr().out == "beta"
+    assert main(["storage", "cp", "-r", dst, str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "sub" / "b.txt").read_text() == "beta"

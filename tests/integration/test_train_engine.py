@@ -65,7 +65,7 @@ def _cmd(store: Path, run: str, stage: int, *extra: str, nproc: int = 2) -> list
 def _env(tmp: Path, run: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DINOCTL_STAGING=str(tmp / "staging"),
                DINOCTL_HOME=str(tmp / "home"), DINOCTL_SAMPLE_LOG=str(tmp / f"samples-{run}"),
-               MLFLOW_TRACKING_URI=(tmp / "mlruns").as_uri(), PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO))
     return env
 
 
@@ -194,4 +194,28 @@ def test_nan_loss_stops_with_a_message_naming_step_and_term(synth_store, tmp_pat
     latest = read_latest(synth_store.as_uri(), run)
     # only finite states were checkpointed: the last checkpoint is the step before the NaN
     assert latest == (f"step-{step:08d}" if step > 0 else None)
+    assert not (synth_store / "runs" / run / "export").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_retryable_then_resumes(synth_store, tmp_path):
+    """What Kubernetes does before killing a pod: SIGTERM to PID 1 (torchrun)."""
+    run = "preempted"
+    latest = synth_store / "runs" / run / "checkpoints" / "LATEST"
+    samples = tmp_path / f"samples-{run}.rank0.jsonl"
+    proc = subprocess.Popen(_cmd(synth_store, run, 1, "--set", "train.max_steps=40",
+                                 "--set", "train.checkpoint_every=1000"),
+                            cwd=REPO, env=_env(tmp_path, run), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not samples.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    from app.train.checkpoint import read_latest
+    from app.train.loop import PREEMPTED_EXIT_CODE
+
+    assert "exiting with %d" % PREEMPTED_EXIT_CODE in out, out[-4000:]
+    assert proc.returncode != 0  # never "Succeeded": the job must be retried
+    tag = read_latest(synth_store.as_uri(), run)
+    assert tag is not None and 0 < int(tag.split("-")[1]) < 40
     assert not (synth_store / "runs" / run / "export").exists()

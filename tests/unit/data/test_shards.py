@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from app import storage
-from app.data import Dataset, ShardWriter, iter_samples, iter_tar_samples, read_index, shards_for_rank
+from app.data import (Dataset, ShardWriter, iter_samples, iter_tar_samples, read_index,
+                      shards_for_rank)
 
 
 def _jpeg(i: int, size: int = 24) -> bytes:
@@ -132,7 +133,8 @@ def test_rewriting_a_dataset_removes_stale_shards(tmp_path):
     uri = str(tmp_path / "ds")
     _write(uri, 5, max_samples_per_shard=1)
     _write(uri, 2, max_samples_per_shard=1)
-    assert sorted(os.listdir(tmp_path / "ds" / "shards")) == ["shard-000000.tar", "shard-000001.tar"]
+    shards = sorted(os.listdir(tmp_path / "ds" / "shards"))
+    assert shards == ["shard-000000.tar", "shard-000001.tar"]
     assert len(list(iter_samples(uri))) == 2
 
 
@@ -200,3 +202,24 @@ def test_dataset_rank_iterators_partition_the_samples(tmp_path):
     keys = [[s.key for s in ds.iter_samples(r, 3)] for r in range(3)]
     assert sorted(k for part in keys for k in part) == ds.keys
     assert not set(keys[0]) & set(keys[1])
+
+
+def test_shard_files_stay_within_max_bytes(tmp_path):
+    limit = 40_000
+    stats = _write(str(tmp_path / "ds"), 30, max_samples_per_shard=1000, max_bytes=limit)
+    sizes = [os.path.getsize(tmp_path / "ds" / s) for s in stats["shards"]]
+    assert len(sizes) > 2 and max(sizes) <= limit
+    # Shards are filled, not cut early: the next sample would not have fitted.
+    assert min(sizes[:-1]) > limit - tarfile.RECORDSIZE - 2 * (len(_jpeg(0)) + 1536)
+
+
+def test_dataset_survives_pickling_after_random_access(tmp_path):
+    import pickle
+
+    _write(str(tmp_path / "ds"), 4, max_samples_per_shard=2)
+    ds = Dataset(str(tmp_path / "ds"))
+    first = ds.get(3).image_bytes  # leaves a shard reader open
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.get(3).image_bytes == first == _jpeg(3)
+    assert [clone.get(i).key for i in (2, 0, 1)] == ["s002", "s000", "s001"]
+    ds.close()

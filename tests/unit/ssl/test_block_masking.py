@@ -113,3 +113,13 @@ def test_collate_is_deterministic_given_the_seed():
     torch.manual_seed(0)
     d = collate_data_and_masks(samples, n_tokens=256, mask_generator=gen, rng=np.random.default_rng(42))
     assert torch.equal(a["collated_masks"], d["collated_masks"])
+
+
+def test_numpy_rng_from_torch_follows_the_torch_seed():
+    from app.ssl.masking import numpy_rng_from_torch
+
+    torch.manual_seed(5)
+    a = numpy_rng_from_torch().integers(0, 10**9, size=3)
+    torch.manual_seed(5)
+    b = numpy_rng_from_torch().integers(0, 10**9, size=3)
+    assert (a == b).all()

@@ -75,3 +75,12 @@ def test_bf16_input_is_computed_in_fp32():
     x = (torch.randn(6, 16) * 50).to(torch.bfloat16)
     out = koleo_loss(x)
     assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+def test_per_crop_sum_never_pairs_two_crops_of_the_same_image():
+    from app.ssl.koleo_loss import koleo_loss_per_crop
+
+    a = np.random.default_rng(2).normal(size=(3, 4))
+    # crop 1 is an exact copy of crop 0: across crops every nearest neighbour would be at distance 0
+    both = torch.tensor(np.concatenate([a, a]), dtype=torch.float32)
+    assert koleo_loss_per_crop(both, 2).item() == pytest.approx(2 * reference(a), rel=1e-5)

@@ -6,6 +6,9 @@ from torch import nn
 
 from app.ssl.param_groups import apply_schedules, get_params_groups
 
+# Heads use the old weight_norm API on purpose: its keys (weight_g, weight_v) are the official ones.
+pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+
 
 class TinyBlock(nn.Module):
     def __init__(self, d):
@@ -102,3 +105,22 @@ def test_apply_schedules_sets_lr_and_wd_per_group():
     model["dino_head"].last_layer(model["dino_head"].mlp(x)).sum().backward()
     opt.step()
     assert torch.equal(before, model["dino_head"].last_layer.weight_v)
+
+
+def test_groups_for_the_real_backbone_and_heads():
+    vt = pytest.importorskip("app.models.vision_transformer")
+    heads = pytest.importorskip("app.models.heads")
+    backbone = vt.vit_tiny(patch_size=14, img_size=28, num_register_tokens=2)
+    dim = backbone.embed_dim
+    model = nn.ModuleDict(
+        {"backbone": backbone, "dino_head": heads.DINOHead(in_dim=dim, out_dim=16, hidden_dim=16, bottleneck_dim=8)}
+    )
+    groups = get_params_groups(model, layerwise_decay=0.9, patch_embed_lr_mult=0.2, with_names=True)
+    m = lookup(groups)
+    depth = len(backbone.blocks)
+    assert set(m) == {n for n, _ in model.named_parameters()}
+    for token in ("cls_token", "pos_embed", "mask_token", "register_tokens"):
+        assert m[f"backbone.{token}"] == (pytest.approx(0.9 ** (depth + 1)), 0.0, False)
+    assert m[f"backbone.blocks.{depth - 1}.attn.qkv.weight"][:2] == (pytest.approx(0.9), 1.0)
+    assert m["backbone.patch_embed.proj.weight"][0] == pytest.approx(0.2 * 0.9 ** (depth + 1))
+    assert m["dino_head.last_layer.weight_v"] == (1.0, 1.0, True)

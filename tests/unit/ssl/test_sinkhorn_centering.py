@@ -132,3 +132,10 @@ def test_sinkhorn_and_center_across_two_gloo_ranks_match_single_process(tmp_path
     expected_center = update_center(torch.zeros(1, 12), full, momentum=0.5)
     for r in results:
         np.testing.assert_allclose(r["center"].numpy(), expected_center.numpy(), rtol=1e-6)
+
+
+def test_sinkhorn_does_not_modify_its_input():
+    logits = torch.randn(4, 6)
+    before = logits.clone()
+    sinkhorn_knopp(logits, 0.05)
+    assert torch.equal(logits, before)

@@ -1,0 +1,114 @@
+"""The curation stages end to end on the synthetic collection, through the real CLI entry
+points, storage (file://) and an MLflow sqlite store. Uses the weight-free thumbnail descriptor
+so the planted near-duplicates are what the thresholds below separate."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app import storage
+from app.curation.artifacts import CurationRun
+from app.curation.embed import load_set
+from app.curation.run import main as curate_main
+
+THRESHOLD = 0.925  # thumbnail cosine separating planted copies from distinct synth images
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from app.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root.as_uri(), seed=0, n_pool=160, n_seeds=24, n_eval_train=40, n_eval_val=20,
+               image_size=48, n_corrupt=0, max_samples_per_shard=50)
+    return root
+
+
+def _args(store, synth_root, name="t", extra=()):
+    s = synth_root.as_uri()
+    sets = [
+        f"run.store={store}", f"run.name={name}", f"curation.pool={s}/pool", f"curation.seeds={s}/seeds",
+        f"curation.eval_sets={s}/eval_train,{s}/eval_val", "curation.embed.model=thumbnail",
+        f"curation.dedup.threshold={THRESHOLD}", f"curation.dedup.eval_threshold={THRESHOLD}",
+        "curation.dedup.k=8", "curation.retrieve.n_clusters=8", "curation.retrieve.images_per_cluster=4",
+        "curation.retrieve.cluster_hits_min=1", "curation.retrieve.n_iters=5",
+        "curation.cluster.n_clusters=[12,4]", "curation.cluster.n_resampling_steps=[1,1]",
+        "curation.cluster.sample_size=[3,2]", "curation.cluster.n_iters=5",
+        "curation.cluster.target_size=40", "curation.name=curated-" + name, *extra,
+    ]
+    return [x for kv in sets for x in ("--set", kv)]
+
+
+@pytest.fixture(scope="module")
+def curated(synth, tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
+    os.environ["DINOCTL_HOME"] = str(home)
+    store = (home / "store").as_uri()
+    assert curate_main(["curate", "run", "--config", "curate_lvd", *_args(store, synth)]) == 0
+    return CurationRun(store, "t"), store
+
+
+def test_dedup_removes_planted_duplicates_and_eval_copies(curated, synth):
+    run, _ = curated
+    truth = json.loads((synth / "ground_truth.json").read_text())
+    keys = load_set(run, "pool", (synth / "pool").as_uri())["keys"].tolist()
+    pos = {k: i for i, k in enumerate(keys)}
+    d = run.get_arrays("dedup/dedup.npz")
+    comp = d["components"]
+    joined = [comp[pos[a]] == comp[pos[b]] for a, b in truth["pool_duplicates"].items()]
+    assert np.mean(joined) >= 0.8
+    planted = set(truth["pool_duplicates"]) | set(truth["pool_duplicates"].values())
+    removed = {keys[i] for i in np.flatnonzero(~d["self_keep"])}
+    assert removed <= planted  # nothing else was merged at this threshold
+    copies = [pos[k] for k in truth["eval_copies"]]
+    assert d["eval_drop"][copies].mean() >= 0.8
+    assert not d["kept"][copies].any() or d["kept"][copies].mean() <= 0.2
+
+
+def test_materialized_dataset_has_provenance(curated, synth):
+    run, store = curated
+    from app.data import Dataset
+
+    ds = Dataset(storage.join(store, "datasets", "curated-t"))
+    summary = run.summary("selection")
+    assert len(ds) == summary["n_samples"] > 24
+    from app.data import iter_samples
+
+    metas = [s.meta for s in iter_samples(ds.uri)]
+    assert len(metas) == len(ds)
+    sources = {m["source_dataset"] for m in metas}
+    assert sources == {(synth / "seeds").as_uri(), (synth / "pool").as_uri()}
+    sample = next(s for s in iter_samples(ds.uri) if s.key.startswith("pool-"))
+    assert sample.meta["source_dataset"] == (synth / "pool").as_uri()
+    assert sample.meta["stages"] and sample.meta["component"] >= 0 and sample.meta["cluster"] >= 0
+    kept = run.get_arrays("dedup/dedup.npz")["kept"]
+    keys = load_set(run, "pool", (synth / "pool").as_uri())["keys"].tolist()
+    selected_pool = [m["source_key"] for m in metas if m["source_dataset"].endswith("/pool")]
+    assert all(kept[keys.index(k)] for k in selected_pool)  # no removed duplicate comes back
+
+
+def test_report_has_counts_and_figures(curated, capsys):
+    run, store = curated
+    summary = run.summary("report")
+    stages = [r["stage"] for r in summary["counts"]]
+    assert {"embed:pool", "dedup:self", "dedup:relative", "cluster", "materialize"} <= set(stages)
+    for fig in ("dedup_component_sizes.png", "cluster_sizes.png", "dedup_groups.png", "cluster_samples.png"):
+        assert storage.get_bytes(run.uri("report", fig))[:4] == b"\x89PNG"
+    from app.cli import main as cli_main
+
+    assert cli_main(["curate", "report", "t", "--set", f"run.store={store}"]) == 0
+    assert "dedup:relative" in capsys.readouterr().out
+
+
+def test_rerun_is_a_no_op(curated, synth):
+    run, store = curated
+    before = {o.uri: o for o in storage.list_objects(run.root)}
+    stamp = storage.get_bytes(run.uri("dedup", "_SUCCESS"))
+    assert curate_main(["curate", "run", "--config", "curate_lvd", *_args(store, synth)]) == 0
+    assert storage.get_bytes(run.uri("dedup", "_SUCCESS")) == stamp
+    assert set(before) == {o.uri for o in storage.list_objects(run.root)}

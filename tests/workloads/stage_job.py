@@ -1,0 +1,38 @@
+"""A tiny stage for pipeline tests: reads its resolved config, logs a child MLflow run, writes
+its output marker (a summary JSON) to `<store>/runs/<run.name>/<stage>/_SUCCESS`.
+
+    torchrun -m tests.workloads.stage_job <stage> --config <resolved yaml>
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--marker-dir", default="probe")
+    args = parser.parse_args(argv)
+
+    from app import storage
+    from app.config import load_config
+    from app.tracking import get_tracker
+
+    cfg = load_config(args.config)
+    summary = {"knn_top1": 0.75, "eval_train": cfg.eval.train, "eval_val": cfg.eval.val,
+               "parent_run_id": os.environ.get("DINOCTL_PARENT_RUN_ID", "")}
+    with get_tracker().start(args.stage, config=cfg) as run:
+        run.log_metrics({"knn_top1": summary["knn_top1"]})
+        summary["run_id"] = run.run_id
+    uri = storage.join(storage.to_uri(cfg.run.store), "runs", cfg.run.name, args.marker_dir, "_SUCCESS")
+    storage.put_json(uri, summary)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
