@@ -123,7 +123,7 @@ class TrainConfig:
     batch_size_per_gpu: int = 64
     num_workers: int = 10
     epoch_length: int = 1250  # OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
-    max_steps: int = 0  # stop early after this many iterations (0: epochs x epoch_length)
+    max_steps: int = 0  # >0: the whole run (all schedules compressed) takes this many iterations
     centering: str = "centering"  # centering | sinkhorn_knopp
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
