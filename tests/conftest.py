@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -77,3 +78,20 @@ def dinoctl_home(tmp_path, monkeypatch):
                  "MLFLOW_RUN_ID", "RANK"):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def _mlflow_schema(tmp_path_factory):
+    """An empty embedded MLflow database, made once: its schema migrations take seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def embedded_mlflow(dinoctl_home, _mlflow_schema):
+    """`dinoctl_home` with a ready (empty) embedded MLflow store: app.tracking works at once."""
+    shutil.copy(_mlflow_schema, dinoctl_home / "mlflow.db")
+    return dinoctl_home

@@ -131,6 +131,8 @@ class SeaweedFS:
             f"-ip.bind={LOOPBACK}", "-admin.ui=false", "-webdav=false",
             "-s3.autoCreateBucket=false",  # like AWS/MinIO: a PUT to a missing bucket fails
         ] + [f"-{flag}={port}" for flag, port in self.ports.items()]
+        if len(str(tmp)) < 90:  # unix socket paths are limited to 108 bytes
+            cmd += [f"-filer.localSocket={tmp / 'filer.sock'}", f"-s3.localSocket={tmp / 's3.sock'}"]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key,
                "AWS_SECRET_ACCESS_KEY": self.secret_key, "TMPDIR": str(tmp)}
         log = logs / "stdout.log"
@@ -167,6 +169,15 @@ class SeaweedFS:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         _stop_group(self.proc, timeout)
         self.proc = None
+        self._remove_tmp_sockets()
+
+    def _remove_tmp_sockets(self) -> None:
+        """weed puts some gRPC sockets in /tmp whatever TMPDIR says; they carry our port numbers."""
+        ports = {str(p) for p in self.ports.values()}
+        for path in Path("/tmp").glob("seaweedfs-*.sock"):
+            if path.stem.rsplit("-", 1)[-1] in ports and path.is_socket():
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def restart(self, kill: bool = False) -> None:
         self.stop(kill=kill)

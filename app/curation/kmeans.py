@@ -11,6 +11,7 @@ loop in torch (GPU when available), where empty clusters keep their previous cen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -28,6 +29,19 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _threads_for(work: float):
+    """One intra-op thread for small problems: torch's OpenMP start-up costs ~10 ms per op on a
+    busy CPU, hundreds of times the op itself, which made tiny k-means take seconds."""
+    before = torch.get_num_threads()
+    if work < 5e7 and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _chunk(n_centroids: int, budget: float = 5e7) -> int:
     """Rows per chunk so one [chunk, K] distance block stays ~budget floats."""
     return max(256, int(budget // max(1, n_centroids)))
@@ -38,7 +52,8 @@ def assign(x, centroids, chunk_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     squared distances [N] float32)."""
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
     ct = torch.as_tensor(np.asarray(centroids, dtype=np.float32)).to(_device())
-    labels, dists = _assign_t(xt, ct, chunk_size or _chunk(ct.shape[0]))
+    with _threads_for(float(xt.shape[0]) * ct.shape[0] * max(1, xt.shape[1])):
+        labels, dists = _assign_t(xt, ct, chunk_size or _chunk(ct.shape[0]))
     return labels.cpu().numpy(), dists.cpu().numpy()
 
 
@@ -101,6 +116,12 @@ def kmeans(x: np.ndarray, k: int, n_iters: int = 50, init: str = "kmeans++", see
         raise ValueError(f"k must be in 1..{n} (number of points), got {k}")
     if init == "faiss":
         return _kmeans_faiss(x, k, n_iters, seed)
+    with _threads_for(float(n) * k * d):
+        return _lloyd(x, k, n_iters, init, seed, chunk_size)
+
+
+def _lloyd(x: np.ndarray, k: int, n_iters: int, init: str, seed: int, chunk_size: int) -> KMeansResult:
+    n, d = x.shape
     gen = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy(x)
     chunk = chunk_size or _chunk(k)

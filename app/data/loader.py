@@ -12,6 +12,7 @@ number of workers or the point a run was resumed from.
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any, Callable
 
 import numpy as np
@@ -74,6 +75,12 @@ def _as_list(samples: list) -> list:
     return samples
 
 
+def _worker_init(worker_id: int) -> None:
+    # SIGTERM (pod preemption) is handled by the training process, which finishes its step,
+    # checkpoints and then stops the workers itself; a worker dying first would abort that.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class MultiCropLoader:
     """Batches of one rank; the first `next_batch` is step `start_step`, read from `cursor`.
     `cursor_at(step)` is where the stream stands before step `step` (saved in checkpoints)."""
@@ -99,6 +106,7 @@ class MultiCropLoader:
             # Its own generator: creating the iterator must not draw from the global torch RNG,
             # or a resumed run's drop-path stream would differ from an uninterrupted one.
             generator=torch.Generator().manual_seed(_mix(self.seed, rank, 0x10AD)),
+            worker_init_fn=_worker_init if workers > 0 else None,
         )
         grid = cfg.crops.global_crops_size // cfg.model.patch_size
         self.n_tokens = grid * grid

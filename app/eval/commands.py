@@ -126,9 +126,8 @@ def _register(args) -> int:
 
 
 def _models_list(args) -> int:
-    from app.eval.mlflow_model import format_versions, list_versions
-    from app.tracking import Tracker
+    from app.eval.mlflow_model import format_versions, list_versions, registry_client
 
-    rows = list_versions(Tracker().client)
+    rows = list_versions(registry_client())
     print(json.dumps(rows, indent=2) if args.json else format_versions(rows))
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -83,20 +84,50 @@ def champion_decision(candidate: dict[str, str], champion: dict[str, str] | None
 
 
 @contextlib.contextmanager
-def _fluent(uri: str, run_id: str) -> Iterator[None]:
-    """`mlflow.pytorch.log_model` needs the fluent API: point it at `uri`, resume `run_id`,
-    and restore the previous URIs afterwards."""
-    import mlflow
+def scoped_mlflow_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking and registry) at `uri` for the block only.
 
-    prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which
+    `app.tracking` reads; both the module state and the environment are restored afterwards.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in env_names}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        with mlflow.start_run(run_id=run_id):
-            yield
+        yield
     finally:
-        mlflow.set_tracking_uri(prev_tracking)
-        mlflow.set_registry_uri(prev_registry)
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def registry_client(uri: str | None = None):
+    """An MlflowClient whose registry is the tracking server too (never a stray env default)."""
+    from mlflow.tracking import MlflowClient
+
+    from app.tracking import tracking_uri
+
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def load_registered(name: str, alias: str = CHAMPION, uri: str | None = None) -> torch.nn.Module:
+    """`mlflow.pytorch.load_model("models:/<name>@<alias>")` against `uri` (default: ours)."""
+    import mlflow.pytorch
+
+    from app.tracking import tracking_uri
+
+    with scoped_mlflow_uri(uri or tracking_uri()):
+        return mlflow.pytorch.load_model(f"models:/{name}@{alias}")
 
 
 def _get_alias_version(client, name: str, alias: str):
@@ -119,7 +150,7 @@ def log_pytorch_model(tracker, model: torch.nn.Module, name: str, image_size: in
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy())
     torch_version = torch.__version__.split("+")[0]
-    with _fluent(tracker.uri, tracker.run_id):
+    with scoped_mlflow_uri(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
         return mlflow.pytorch.log_model(
             model, name=MODEL_ARTIFACT, signature=signature, input_example=example.numpy(),
             # pickle keeps the module's dynamic shapes (pt2 export would fix the batch size);
@@ -138,7 +169,7 @@ def register_backbone(tracker, ref, eval_summary: dict[str, Any] | None, name: s
     size = image_size or (eval_summary or {}).get("eval_set", {}).get("image_size") or ref.model.patch_size * 2
     info = log_pytorch_model(tracker, ref.model, name, int(size))
     version = str(info.registered_model_version)
-    client = tracker.client
+    client = registry_client(tracker.uri)
     tags = {"arch": ref.arch, "model_source": ref.source, "run_uri": ref.run_uri or "",
             "model_fingerprint": model_fingerprint(ref.model)[:16], **eval_tags(eval_summary),
             **(extra_tags or {})}

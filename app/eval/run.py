@@ -46,6 +46,13 @@ def default_model_uri(cfg) -> str:
     return cfg.eval.model or run_uri(cfg)
 
 
+def check_inputs(cfg) -> None:
+    """Fail before any work (or MLflow run) when the datasets are not named."""
+    for key in ("train", "val"):
+        if not getattr(cfg.eval, key):
+            raise ValueError(f"eval.{key} is empty: set it to a labelled dataset URI")
+
+
 def evaluate_model(cfg, model_uri: str, linear: bool = True, tracker=None) -> dict[str, Any]:
     """Everything but the stage plumbing; returns the summary (also written and logged)."""
     import torch
@@ -55,9 +62,7 @@ def evaluate_model(cfg, model_uri: str, linear: bool = True, tracker=None) -> di
     from app.eval.protocols import EvalSettings, confusion_figure, evaluate, headline_metrics
 
     ecfg = cfg.eval
-    for key in ("train", "val"):
-        if not getattr(ecfg, key):
-            raise ValueError(f"eval.{key} is empty: set it to a labelled dataset URI")
+    check_inputs(cfg)
     started = time.monotonic()
     torch.manual_seed(cfg.run.seed)
     ref = resolve_model(model_uri)
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("eval runs on global rank 0 only; rank %d exits", global_rank())
         return 0
     try:
+        check_inputs(cfg)
         with get_tracker().start("eval", config=cfg) as tracker:
             evaluate_model(cfg, default_model_uri(cfg), linear=not args.no_linear, tracker=tracker)
     except (ValueError, storage.StorageError) as exc:

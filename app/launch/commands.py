@@ -16,7 +16,12 @@ BACKENDS = ("local", "k8s")
 def _user_error(message: str) -> Exception:
     from app.cli import UserError
 
-    return UserError(message)
+    # Also a ValueError, so `python -m app.cli` (where app.cli is __main__, a second copy of the
+    # module with its own UserError class) still prints it as one line.
+    class LaunchError(UserError, ValueError):
+        pass
+
+    return LaunchError(message)
 
 
 def get_executor(backend: str = "local", namespace: str | None = None):
@@ -30,7 +35,12 @@ def get_executor(backend: str = "local", namespace: str | None = None):
             from app.launch.kubernetes import KubernetesExecutor
         except ImportError as exc:
             raise _user_error(f"--backend k8s is not available: {exc}") from None
-        return KubernetesExecutor(namespace=namespace) if namespace else KubernetesExecutor()
+        from app.cli import UserError
+
+        try:
+            return KubernetesExecutor(namespace=namespace) if namespace else KubernetesExecutor()
+        except UserError as exc:  # re-raised as a LaunchError: one line under `python -m app.cli` too
+            raise _user_error(str(exc)) from None
     raise _user_error(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
 
 
@@ -109,7 +119,7 @@ def _status_rows(statuses) -> list[list[str]]:
 
 def _cmd_submit(args) -> int:
     spec = _spec_from_args(args)
-    executor = get_executor(args.backend, args.namespace)
+    executor = get_executor(args.backend, args.namespace or spec.namespace)
     name = executor.submit(spec)
     print(f"submitted {name} ({spec.stage}, {spec.replicas} x {spec.nproc_per_node} processes, "
           f"backend {args.backend})")
@@ -128,7 +138,7 @@ def _wait_and_report(executor, name: str) -> int:
 
 
 def _not_found(exc: Exception, name: str) -> Exception:
-    return _user_error(f"job '{name}' not found ({exc})")
+    return _user_error(str(exc) if name in str(exc) else f"job '{name}' not found ({exc})")
 
 
 def _cmd_status(args) -> int:

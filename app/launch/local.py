@@ -281,6 +281,17 @@ class Supervisor:
         self._save()
         return ctype
 
+    def run_safely(self) -> str:
+        """`run`, but an error in the supervisor itself still kills the replicas and fails the job
+        (replicas are never left without an owner)."""
+        try:
+            return self.run()
+        except BaseException as exc:
+            self._finish("Failed", "SupervisorError", f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, Exception):
+                return "Failed"
+            raise
+
     def run(self) -> str:
         """Run the job to completion; returns the final phase (Succeeded or Failed)."""
         if self._cancel_requested():
@@ -392,7 +403,7 @@ class LocalExecutor:
             threading.Thread(target=proc.wait, daemon=True).start()
         else:
             sup = Supervisor(job_dir)
-            thread = threading.Thread(target=sup.run, name=f"supervise-{spec.name}", daemon=True)
+            thread = threading.Thread(target=sup.run_safely, name=f"supervise-{spec.name}", daemon=True)
             self._threads[spec.name] = thread
             thread.start()
         return spec.name
@@ -534,12 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(argv[1], detached=True)
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
-    try:
-        phase = sup.run()
-    except BaseException as exc:  # never leave replicas behind without an owner
-        sup._finish("Failed", "SupervisorError", f"{type(exc).__name__}: {exc}")
-        raise
-    return 0 if phase == "Succeeded" else 1
+    return 0 if sup.run_safely() == "Succeeded" else 1
 
 
 if __name__ == "__main__":

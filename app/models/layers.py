@@ -164,8 +164,8 @@ class Block(nn.Module):
         """`[B, N, D] -> [B, N, D]`."""
         rate = self.drop_path_rate
         if not self.training or rate == 0.0:
-            x = x + self._attn_branch(x)
-            return x + self._ffn_branch(x)
+            x = _add_scaled(x, self.ls1, self.attn(self.norm1(x)))
+            return _add_scaled(x, self.ls2, self.mlp(self.norm2(x)))
         if x.shape[0] > 1 and rate > 0.1:
             # Efficient stochastic depth: run each branch only on the kept samples (saves
             # `rate` of the block's compute), add back scaled by B/kept.
@@ -173,6 +173,13 @@ class Block(nn.Module):
             return _residual_on_subset(x, self._ffn_branch, rate)
         x = x + drop_path(self._attn_branch(x), rate, True)
         return x + drop_path(self._ffn_branch(x), rate, True)
+
+
+def _add_scaled(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
+    """`x + ls(y)`; with LayerScale one fused `addcmul` instead of a multiply and an add."""
+    if isinstance(ls, LayerScale):
+        return torch.addcmul(x, y, ls.gamma)
+    return x + ls(y)
 
 
 def _residual_on_subset(x: Tensor, branch, rate: float) -> Tensor:

@@ -118,9 +118,13 @@ class Pipeline:
 
         started = time.monotonic()
         self.echo(f"synth: generating the synthetic data set under {synth_uri(self.cfg)}")
+        n_pool = self.cfg.pipeline.synth_size
+        scale = n_pool / 600  # the other splits keep `dinoctl data synth`'s proportions
         try:
-            summary = synthesize(synth_uri(self.cfg), seed=self.cfg.run.seed,
-                                 n_pool=self.cfg.pipeline.synth_size)
+            summary = synthesize(synth_uri(self.cfg), seed=self.cfg.run.seed, n_pool=n_pool,
+                                 n_seeds=max(4, round(48 * scale)),
+                                 n_eval_train=max(8, round(240 * scale)),
+                                 n_eval_val=max(4, round(120 * scale)))
         except (OSError, ValueError, storage.StorageError) as exc:
             return StageResult("synth", "failed", time.monotonic() - started, detail=str(exc))
         n = sum(s["num_samples"] for s in summary["splits"].values())

@@ -8,8 +8,8 @@ Markers (where each stage's own code writes them):
     curate    <store>/curation/<run.name>/selection/_SUCCESS   (app/curation; dataset <store>/datasets/<curation.name>)
     pretrain  <store>/runs/<run.name>/export/_SUCCESS          (app/train; summary.json beside it)
     distill   <store>/runs/<run.name>-distill/export/_SUCCESS  (app/train, distillation mode)
-    eval      <store>/runs/<run.name>/eval/_SUCCESS            (summary JSON of the evaluation)
-    register  <store>/runs/<run.name>/register/_SUCCESS        (the registered model version)
+    eval      <store>/runs/<run.name>/eval/_SUCCESS            (app/eval/run.py; summary.json beside it)
+    register  <store>/runs/<run.name>/register/_SUCCESS        (app/eval/registry_run.py; summary.json)
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def _eval_inputs(cfg: Config, up: dict[str, str]) -> list[str]:
     out = []
     model = up.get("distill") or up.get("pretrain")
     if model:
-        out.append(f"model.pretrained_weights={storage.join(model, 'backbone.pth')}")
+        out.append(f"eval.model={storage.join(model, 'backbone.pth')}")
     if "synth" in up:
         if not cfg.eval.train:
             out.append(f"eval.train={storage.join(up['synth'], 'eval_train')}")
@@ -164,8 +164,10 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     # Evaluates the distilled student when distillation ran, else the pretrained teacher.
     Stage("eval", "eval", needs=("pretrain",),
           marker=lambda c: store_uri(c, "runs", c.run.name, "eval", "_SUCCESS"),
-          metrics=("knn_top1", "knn.top1", "linear_top1"), inputs=_eval_inputs),
+          summary=lambda c: store_uri(c, "runs", c.run.name, "eval", "summary.json"),
+          metrics=("knn.top1", "linear.top1"), inputs=_eval_inputs),
     Stage("register", "register", needs=("eval",),
           marker=lambda c: store_uri(c, "runs", c.run.name, "register", "_SUCCESS"),
+          summary=lambda c: store_uri(c, "runs", c.run.name, "register", "summary.json"),
           metrics=("version",)),
 )}

@@ -214,6 +214,8 @@ def to_storage_error(exc: BaseException, *, uri: str, endpoint: str, what: str =
         bucket = uri.split("/")[2] if uri.startswith("s3://") else uri
         return BucketMissing(f"{uri}: bucket '{bucket}' does not exist at {endpoint} "
                              "(create it, or set S3_CREATE_BUCKET=1 to create it on write)")
+    if getattr(exc, "code", None) == "PreconditionFailed":
+        return StorageError(f"{uri}: the object was replaced while it was being read; read it again")
     if kind == "source":
         return StorageError(f"{uri}: reading the data to upload failed ({cause}); nothing was written")
     if kind == "transient":

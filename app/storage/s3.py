@@ -12,6 +12,7 @@ stay visible after a crash and cost a second full copy on the server.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import BinaryIO, Iterator
 
@@ -19,6 +20,7 @@ from app.storage.base import NotFound, ObjectInfo, StorageError, parse_uri
 from app.storage.credentials import S3Settings, load_settings
 from app.storage.retry import BucketMissing, RetryPolicy, SourceError, classify, to_storage_error
 
+log = logging.getLogger(__name__)
 MiB = 1 << 20
 MAX_COPY_SIZE = 5 * 1024 * MiB  # a single server-side CopyObject; larger sources use compose
 
@@ -158,6 +160,11 @@ class S3Backend:
         self.retry = retry or RetryPolicy.from_env()
         self.part_size = part_size
         self.parallel_parts = parallel_parts
+        if not settings.verify_tls and settings.secure:
+            # The user opted out (S3_VERIFY_TLS=false): say so once, not on every request.
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            log.warning("S3 TLS certificates are not verified for %s (S3_VERIFY_TLS=false)",
+                        settings.endpoint)
         # Our RetryPolicy is the only retry layer: urllib3 must surface every failure at once.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=120),

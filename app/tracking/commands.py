@@ -23,7 +23,8 @@ def ui_command(host: str, port: int) -> list[str]:
     Path(artifacts[len("file://"):]).mkdir(parents=True, exist_ok=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", store,
-            "--artifacts-destination", artifacts, "--host", host, "--port", str(port)]
+            "--artifacts-destination", artifacts, "--host", host, "--port", str(port),
+            "--workers", "1"]  # one person looking at runs; 4 uvicorn workers only cost memory
 
 
 def _ui(args) -> int:

@@ -178,24 +178,25 @@ class Tracker:
         self.client.log_text(self._need_run(), dump_yaml(config), "config.yaml")
 
     def log_params(self, params: dict[str, Any]) -> None:
+        run_id = self._need_run()
         from mlflow.entities import Param
 
-        run_id = self._need_run()
         for batch in P.chunks(P.param_items(params), P.PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in batch])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        run_id = self._need_run()
         from mlflow.entities import RunTag
 
         items = [RunTag(P.clean_key(k), str(v)[: P.MAX_TAG_VALUE]) for k, v in tags.items()
                  if not P.is_secret_key(str(k))]
         for batch in P.chunks(items, P.PARAMS_PER_BATCH):
-            self.client.log_batch(self._need_run(), tags=batch)
+            self.client.log_batch(run_id, tags=batch)
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        run_id = self._need_run()
         from mlflow.entities import Metric
 
-        run_id = self._need_run()
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():

@@ -43,9 +43,7 @@ class StopFlag:
         signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        if os.getpid() != self.pid:  # a forked DataLoader worker inherited us: die as usual
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the trainer stops it later
             return
         self.requested = True  # only a flag: the current step finishes, then all ranks save
 

@@ -121,9 +121,8 @@ def main() -> None:
     if a.knn:
         result["knn_graph"] = bench_knn(x, a.k, a.knn, a.queries, a.seed)
     if not a.skip_kmeans:
-        levels = a.levels or [max(2, a.n // 1000), max(2, a.n // 10000)]
-        resampling = a.resampling or [3] * len(levels)
-        sample_size = a.sample_size or [max(1, (a.n // lv) // 2) for lv in [a.n] + levels[:-1]][: len(levels)]
+        levels = a.levels or [max(2, a.n // 2000), max(2, a.n // 20000)]
+        resampling = a.resampling or [2] * len(levels)
         sample_size = a.sample_size or [max(2, (n_in // k) // 2) for n_in, k in zip([a.n] + levels[:-1], levels)]
         result["hierarchical_kmeans"] = bench_hkmeans(x, levels, resampling, sample_size, a.n_iters,
                                                       a.init, a.n // 10, a.seed)

@@ -70,7 +70,16 @@ def job(name: str, out: Path, *extra: str, **kw) -> JobSpec:
 def home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("DINOCTL_HOME", str(home))  # what the CLI (`dinoctl status`) reads
-    return home
+    yield home
+    cancel_leftovers(home)
+
+
+def cancel_leftovers(home: Path) -> None:
+    """A failed test must not leave detached supervisors and replicas running."""
+    ex = LocalExecutor(home=home)
+    for status in ex.list():
+        if not status.done:
+            ex.cancel(status.name)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -302,3 +311,14 @@ def test_real_pretraining_job_survives_a_sigkilled_replica_and_resumes_from_late
     log = (home / "jobs" / name / "master-0.log").read_text()
     second_attempt = log.split("attempt 2")[1]
     assert "resumed from" in second_attempt  # the restarted group continued from LATEST
+
+
+def test_a_replica_that_cannot_start_fails_the_job_with_the_reason(tmp_path, home):
+    from app.launch.local import Node, Placement
+
+    ex = LocalExecutor(home=home, detach=False, workdir=REPO,
+                       placement=Placement(nodes=(Node(prefix=(str(tmp_path / "no-such-launcher"),)),)))
+    name = ex.submit(job("nostart", tmp_path / "out", replicas=1))
+    status = ex.wait(name, timeout=30)
+    assert status.phase == "Failed"
+    assert status.conditions[-1].reason == "SupervisorError" and "no-such-launcher" in status.reason

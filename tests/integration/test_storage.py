@@ -303,3 +303,27 @@ def test_storage_cli_round_trip_through_s3(s3_env, s3_server, tmp_path, capsys):
     assert capsys.readouterr().out == "beta"
     assert main(["storage", "cp", "-r", dst, str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "sub" / "b.txt").read_text() == "beta"
+
+
+def test_streaming_read_resumes_at_offset_after_server_restart(private_s3, monkeypatch):
+    monkeypatch.setenv("S3_MAX_RETRIES", "8")
+    monkeypatch.setenv("S3_RETRY_BASE_SECONDS", "0.2")
+    data = os.urandom(24 * 1024 * 1024)
+    uri = private_s3.uri("resume.bin")
+    storage.put_bytes(uri, data)
+    with storage.open_read(uri) as f:
+        head = f.read(1024 * 1024)
+        private_s3.restart(kill=True)  # the open HTTP response dies with the server
+        rest = f.read()
+    assert head + rest == data
+
+
+def test_object_replaced_mid_read_is_an_error_not_a_mix(s3_env, s3_server):
+    uri = s3_server.uri("replaced.bin")
+    storage.put_bytes(uri, b"a" * (4 * 1024 * 1024))
+    with storage.open_read(uri) as f:
+        assert f.read(10) == b"a" * 10
+        storage.put_bytes(uri, b"b" * (4 * 1024 * 1024))
+        f.seek(2 * 1024 * 1024)  # the next read reopens the object at an offset
+        with pytest.raises(StorageError, match="replaced while it was being read"):
+            f.read(10)

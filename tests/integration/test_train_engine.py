@@ -134,6 +134,23 @@ def test_training_moves_the_teacher_and_writes_checkpoints_and_export(uninterrup
     assert not set(keys0) & set(keys1)
 
 
+def test_metrics_and_resolved_config_go_to_mlflow(uninterrupted):
+    from mlflow.tracking import MlflowClient
+
+    home = uninterrupted[2]["tmp"] / "home"
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.run_name == "full-z2-pretrain"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.zero_stage"] == "2"
+    for name in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss",
+                 "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s",
+                 "step_time_s", "data_wait_fraction", "peak_memory_mb"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == list(range(1, STEPS + 1)), name
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(uninterrupted, synth_store, stage):
     """Start a new run from the step-2 checkpoint of the uninterrupted one: same steps 2-3."""
@@ -197,7 +214,7 @@ def test_nan_loss_stops_with_a_message_naming_step_and_term(synth_store, tmp_pat
     assert not (synth_store / "runs" / run / "export").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_retryable_then_resumes(synth_store, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_with_a_retryable_code(synth_store, tmp_path):
     """What Kubernetes does before killing a pod: SIGTERM to PID 1 (torchrun)."""
     run = "preempted"
     latest = synth_store / "runs" / run / "checkpoints" / "LATEST"

@@ -78,3 +78,12 @@ def test_phash_is_equal_for_resized_reencoded_copies_and_differs_for_other_image
 def test_hash_groups_join_identical_hashes():
     i, j = dedup.hash_groups(np.array([5, 7, 5, 9, 7, 5], dtype=np.uint64))
     assert sorted(zip(i.tolist(), j.tolist())) == [(2, 0), (4, 1), (5, 0)]
+
+
+def test_extra_edges_from_hashes_join_components_the_embeddings_missed():
+    x, _ = _pool_with_duplicates(seed=2)
+    plain = dedup.self_dedup(x, k=8, threshold=0.6, index="flat")
+    assert plain.components[20] != plain.components[21]
+    merged = dedup.self_dedup(x, k=8, threshold=0.6, index="flat", extra_edges=(np.array([21]), np.array([20])))
+    assert merged.components[21] == merged.components[20] == 20
+    assert merged.stats["n_removed"] == plain.stats["n_removed"] + 1

@@ -25,7 +25,7 @@ def _same(a, b) -> bool:
 
 def test_arch_name_uses_our_size_names_and_register_suffix():
     assert arch_name(build_backbone("vit_tiny", depth=12, img_size=28)) == "vit_tiny"
-    assert arch_name(build_backbone("vit_small", img_size=28, num_register_tokens=4)) == "vit_small_reg4"
+    assert arch_name(build_backbone("vit_tiny", img_size=28, num_register_tokens=4)) == "vit_tiny_reg4"
     assert arch_name(_vit(0)) == "vit_32d2"
 
 

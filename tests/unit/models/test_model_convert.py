@@ -103,7 +103,7 @@ def test_training_checkpoint_without_backbone_is_a_clear_error():
 @pytest.mark.parametrize("build, arch", [
     (lambda: small(), None),
     (lambda: small(), "vit_small"),  # with `depth=2`: depth is not part of the named arch
-    (lambda: small(num_register_tokens=4), None),
+    (lambda: small(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0), None),
     (lambda: VisionTransformer(embed_dim=128, depth=2, num_heads=2, img_size=42, ffn="swiglu",
                                init_values=None, qkv_bias=False), None),
 ])

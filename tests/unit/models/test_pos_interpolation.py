@@ -53,7 +53,8 @@ def test_model_tokens_match_the_reference_formula(variant, height, width):
     expected = reference_pos_embed(model.pos_embed.detach(), height, width, 14,
                                    variant["interpolate_offset"], variant["interpolate_antialias"])
     assert tokens.shape == (1, 1 + (height // 14) * (width // 14), 8)
-    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tokens[:, 1:], expected[:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(tokens[:, 0], (model.cls_token[:, 0] + expected[:, 0]).detach())
 
 
 def test_matching_grid_is_a_no_op():
@@ -84,14 +85,10 @@ def test_non_square_grid_is_row_major_over_height_then_width(offset, antialias):
     assert torch.allclose(col_coord, col_coord[:1, :].expand(gh, gw), atol=1e-5)
     assert torch.all(col_coord[0, 1:] > col_coord[0, :-1])
     if not antialias:
-        # Bicubic reproduces linear functions away from the border; pixel-centre mapping
-        # src = (i + 0.5) / scale - 0.5 with scale = (g + offset) / M (the offset kludge) or g / M.
+        # The sampling scale is (g + offset) / M: the offset kludge, or plain g / M without it.
         for coord, g in ((row_coord[:, 0], gh), (col_coord[0], gw)):
-            scale = (g + offset) / m
-            i = torch.arange(g, dtype=torch.float32)
-            src = (i + 0.5) / scale - 0.5
-            inner = (src >= 2) & (src <= m - 3)
-            torch.testing.assert_close(coord[inner], src[inner], rtol=0, atol=1e-4)
+            expected = keys_cubic_resample([float(v) for v in range(m)], g, (g + offset) / m)
+            torch.testing.assert_close(coord, expected, rtol=0, atol=1e-4)
 
 
 def test_interpolation_runs_in_fp32_and_returns_the_input_dtype():
@@ -100,6 +97,28 @@ def test_interpolation_runs_in_fp32_and_returns_the_input_dtype():
     assert out.dtype == torch.bfloat16
     ref = interpolate_pos_embed(pos.float(), (16, 16), 0.1, False).to(torch.bfloat16)
     assert torch.equal(out, ref)
+
+
+def keys_cubic_resample(values, out_len, scale):
+    """1-D bicubic by hand: Keys kernel (a = -0.75, as PyTorch), pixel-centre coordinates
+    `src = (i + 0.5) / scale - 0.5`, border samples clamped."""
+    a = -0.75
+
+    def kernel(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        if t < 2:
+            return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+        return 0.0
+
+    n = len(values)
+    out = []
+    for i in range(out_len):
+        src = (i + 0.5) / scale - 0.5
+        x0 = math.floor(src)
+        out.append(sum(kernel(src - j) * values[min(max(j, 0), n - 1)] for j in range(x0 - 1, x0 + 3)))
+    return torch.tensor(out)
 
 
 def test_cls_position_is_kept():

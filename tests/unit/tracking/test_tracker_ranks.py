@@ -56,4 +56,4 @@ def test_ui_command_points_mlflow_at_embedded_store(dinoctl_home):
     cmd = ui_command("127.0.0.1", 5001)
     assert cmd[1:] == ["ui", "--backend-store-uri", f"sqlite:///{dinoctl_home / 'mlflow.db'}",
                        "--artifacts-destination", f"file://{dinoctl_home / 'mlartifacts'}",
-                       "--host", "127.0.0.1", "--port", "5001"]
+                       "--host", "127.0.0.1", "--port", "5001", "--workers", "1"]
