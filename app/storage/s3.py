@@ -268,6 +268,23 @@ class S3Backend:
         with self.open_read(uri) as f:
             return f.read()
 
+    def get_range(self, uri: str, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` in one ranged GET (random access into shards)."""
+        bucket, key = _split(uri)
+
+        def get():
+            resp = self.client.get_object(bucket, key, offset=offset, length=length)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        data = self.call(get, uri, "get")
+        if len(data) != length:
+            raise StorageError(f"{uri}: range {offset}+{length} returned {len(data)} bytes")
+        return data
+
     def get_file(self, uri: str, local_path: str) -> None:
         from app.storage.local import _atomic_write
 
