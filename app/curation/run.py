@@ -98,7 +98,9 @@ def run_stage(stage: str, cfg: Any, tracker: Any, force: bool = False) -> dict[s
 
     rank, world = _dist()
     run = CurationRun(cfg.run.store, cfg.run.name)
-    if run.done(STAGE_DIR[stage]) and not force:
+    # Rank 0's view decides, so no rank skips a stage another rank is about to run (deadlock).
+    done = _gather(run.done(STAGE_DIR[stage]) and not force, world)[0]
+    if done:
         log.info("curate %s: already done (%s), skipping", stage, run.uri(STAGE_DIR[stage]))
         return run.summary(STAGE_DIR[stage])
     if stage == "embed":
@@ -120,8 +122,8 @@ def curate(stage: str, cfg: Any, force: bool = False) -> dict[str, Any]:
     """Run one stage, or all configured stages then the report (stage "run")."""
     from app.tracking import get_tracker
 
-    stages = [s for s in cfg.curation.stages if s in STAGES and s != "report"] + ["report"] \
-        if stage == "run" else [stage]
+    stages = ([s for s in cfg.curation.stages if s in STAGES and s != "report"] + ["report"]
+              if stage == "run" else [stage])
     unknown = [s for s in cfg.curation.stages if s not in STAGES]
     if unknown:
         from app.config import ConfigError

@@ -109,16 +109,17 @@ def _export(args) -> int:
 def _register(args) -> int:
     from app import storage
     from app.eval.model_ref import is_run_uri
-    from app.eval.registry_run import register_model_uri
+    from app.eval.registry_run import prepare, register_prepared
     from app.tracking import Tracker
 
     eval_uri = args.eval
     if eval_uri is None and is_run_uri(args.run):
         default = storage.join(storage.to_uri(args.run).rstrip("/"), "eval", "summary.json")
         eval_uri = default if storage.exists(default) else None
+    prepared = prepare(args.run, eval_uri)
     tracker = Tracker()
     with tracker.start("register", run_name="register", config={"model": args.run, "eval": eval_uri}):
-        result = register_model_uri(args.run, eval_uri, tracker, args.name)
+        result = register_prepared(prepared, tracker, args.name)
         tracker.log_dict(result, "register/summary.json")
     print(f"registered {result['name']} v{result['version']} ({', '.join(result['aliases'])}): "
           f"{result['reason']}")

@@ -153,7 +153,10 @@ def resolve_model(uri: str, arch: str | None = None) -> ModelRef:
         model = model_from_state_dict(backbone)
         return ModelRef(model, ckpt, target, arch_name(model))
     if storage.exists(target):
-        model = load_backbone(target, arch=arch)
+        # `<run>/export/backbone.pth` (what the pipeline passes): its config.yaml sits beside it.
+        sibling = target.rsplit("/", 1)[0] + "/config.yaml"
+        cfg_text = storage.get_bytes(sibling).decode() if storage.exists(sibling) else None
+        model = load_backbone(target, arch=arch, **interpolation_from_config(cfg_text))
         return ModelRef(model, target, None, arch_name(model))
     raise ModelNotFound(f"{uri}: neither a backbone file nor a run with {EXPORT_DIR}/backbone.pth "
                         f"or {CHECKPOINTS_DIR}/{LATEST}")

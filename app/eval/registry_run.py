@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from app import storage
@@ -41,10 +42,18 @@ def load_eval_summary(uri: str | None) -> dict[str, Any] | None:
     return summary
 
 
-def register_model_uri(model_uri: str | None, eval_uri: str | None, tracker, name: str | None = None,
-                       extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Resolve the model, register it, return a JSON-able result."""
-    from app.eval.mlflow_model import register_backbone
+@dataclass
+class Prepared:
+    target: str  # the model URI as given / as the eval summary names it
+    ref: Any  # app.eval.model_ref.ModelRef
+    summary: dict[str, Any] | None
+    eval_uri: str | None
+
+
+def prepare(model_uri: str | None, eval_uri: str | None) -> Prepared:
+    """Resolve the model and its eval summary and check that they belong together (before any
+    MLflow run is opened, so bad input fails fast)."""
+    from app.eval.features import model_fingerprint
     from app.eval.model_ref import resolve_model
 
     summary = load_eval_summary(eval_uri)
@@ -52,17 +61,28 @@ def register_model_uri(model_uri: str | None, eval_uri: str | None, tracker, nam
     if not target:
         raise ValueError("no model to register: pass a run URI / backbone file or an eval summary")
     ref = resolve_model(target)
-    if summary is not None:
-        evaluated = summary.get("model", {}).get("fingerprint")
-        from app.eval.features import model_fingerprint
+    evaluated = (summary or {}).get("model", {}).get("fingerprint")
+    if evaluated and evaluated != model_fingerprint(ref.model):
+        raise ValueError(f"{eval_uri} evaluated another model (fingerprint {evaluated[:12]}) "
+                         f"than {target}; re-run eval or pass the matching --eval")
+    return Prepared(target, ref, summary, eval_uri)
 
-        if evaluated and evaluated != model_fingerprint(ref.model):
-            raise ValueError(f"{eval_uri} evaluated another model (fingerprint {evaluated[:12]}) "
-                             f"than {target}; re-run eval or pass the matching --eval")
-    tags = {**(extra_tags or {}), **({"eval_summary": storage.to_uri(eval_uri)} if eval_uri else {})}
-    reg = register_backbone(tracker, ref, summary, name=name or None, extra_tags=tags)
-    return {"stage": "register", "model": storage.to_uri(target), "eval_summary": eval_uri,
+
+def register_prepared(p: Prepared, tracker, name: str | None = None,
+                      extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Register a prepared model under `tracker`'s open run; return a JSON-able result."""
+    from app.eval.mlflow_model import register_backbone
+
+    tags = {**(extra_tags or {}), **({"eval_summary": storage.to_uri(p.eval_uri)} if p.eval_uri else {})}
+    reg = register_backbone(tracker, p.ref, p.summary, name=name or None, extra_tags=tags)
+    return {"stage": "register", "model": storage.to_uri(p.target), "eval_summary": p.eval_uri,
             **reg.to_dict()}
+
+
+def register_model_uri(model_uri: str | None, eval_uri: str | None, tracker, name: str | None = None,
+                       extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """`prepare` + `register_prepared`."""
+    return register_prepared(prepare(model_uri, eval_uri), tracker, name, extra_tags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_uri = None
     model_uri = args.model or (None if eval_uri else default_model_uri(cfg))
     try:
+        prepared = prepare(model_uri, eval_uri)
         with Tracker().start("register", config=cfg) as tracker:
-            result = register_model_uri(model_uri, eval_uri, tracker, cfg.eval.registry_name)
+            result = register_prepared(prepared, tracker, cfg.eval.registry_name)
             tracker.log_dict(result, "register/summary.json")
     except (ValueError, storage.StorageError) as exc:
         print(f"register: error: {exc}", file=sys.stderr)

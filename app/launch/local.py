@@ -15,7 +15,6 @@ detached supervisor; the supervisor then kills every replica group (SIGTERM, the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import socket
@@ -29,8 +28,7 @@ from typing import Iterator
 
 from app.launch.executor import JobStatus
 from app.launch.jobspec import JobSpec, pytorchjob_env
-from app.launch.store import (JobStore, new_record, phase_of, record_to_status, replica_names,
-                              set_condition)
+from app.launch.store import JobStore, new_record, record_to_status, replica_names, set_condition
 
 POLL_S = 0.05
 KILL_GRACE_S = 10.0
@@ -311,6 +309,9 @@ class Supervisor:
                 last_track = time.monotonic()
             if self._cancel_requested():
                 return self._finish("Failed", "Cancelled", "cancelled by user")
+            if not self.dir.exists():  # the job record was deleted: nobody can see or stop it
+                self._stop_group()
+                return "Failed"
             if deadline and time.time() - self.record["start_time"] > deadline:
                 return self._finish("Failed", "DeadlineExceeded",
                                     f"PyTorchJob {self.name} ran past activeDeadlineSeconds={deadline}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +214,3 @@ def summary_table(results: list[StageResult]) -> str:
     rows = [[r.name, r.status, f"{r.seconds:.1f}s" if r.seconds else "-", r.metric or "-",
              r.detail] for r in results]
     return format_table(rows, ["STAGE", "STATUS", "DURATION", "KEY METRIC", "NOTE"])
-
-
-def pipeline_home() -> Path:
-    return Path(os.environ.get("DINOCTL_HOME", ".dinoctl")).resolve()

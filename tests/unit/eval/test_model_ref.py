@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from app import storage
 from app.eval.model_ref import ModelNotFound, arch_name, resolve_model
-from app.models import VisionTransformer, build_backbone, export_backbone
+from app.models import VisionTransformer, export_backbone
 
 
 def _vit(seed: int, dim: int = 32) -> VisionTransformer:
@@ -24,8 +25,11 @@ def _same(a, b) -> bool:
 
 
 def test_arch_name_uses_our_size_names_and_register_suffix():
-    assert arch_name(build_backbone("vit_tiny", depth=12, img_size=28)) == "vit_tiny"
-    assert arch_name(build_backbone("vit_tiny", img_size=28, num_register_tokens=4)) == "vit_tiny_reg4"
+    def shape(dim, depth, regs=0):
+        return SimpleNamespace(embed_dim=dim, depth=depth, num_register_tokens=regs)
+
+    assert arch_name(shape(192, 12)) == "vit_tiny" and arch_name(shape(1536, 40)) == "vit_giant2"
+    assert arch_name(shape(384, 12, 4)) == "vit_small_reg4"
     assert arch_name(_vit(0)) == "vit_32d2"
 
 

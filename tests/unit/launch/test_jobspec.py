@@ -55,3 +55,49 @@ def test_spec_round_trips_through_a_dict():
     s = spec(args=("--config", "demo", "--resume", "auto"), env=(("A", "1"),), labels=(("k", "v"),),
              replicas=2, restart_policy="ExitCode")
     assert JobSpec.from_dict(s.to_dict()) == s
+
+
+# ------------------------------------------------------------------------------------------------
+# JobSpecs built from a config preset (what `dinoctl submit` / `render` / the pipeline use)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_spec_from_config_takes_the_launch_section_and_flags_win():
+    from app.config import load_config
+    from app.launch.commands import spec_from_config
+
+    cfg = load_config("demo", ["launch.replicas=3", "launch.backoff_limit=5", "launch.cpu=4",
+                               "launch.restart_policy=ExitCode"])
+    s = spec_from_config(cfg, "pretrain", ["--config", "demo"], replicas=2, nproc_per_node=None)
+    assert (s.replicas, s.nproc_per_node, s.backoff_limit, s.restart_policy) == (2, 1, 5, "ExitCode")
+    assert s.resources.cpu == "4" and s.namespace == cfg.launch.namespace
+    assert s.name.startswith("demo-pretrain-") and s.args == ("--config", "demo")
+
+
+def test_generated_job_names_are_dns1035_labels():
+    from app.launch.commands import dns1035
+
+    assert dns1035("My_Run.v2") == "my-run-v2"
+    assert dns1035("42-run") == "j-42-run"
+    assert len(dns1035("x" * 100, 20)) == 20
+
+
+def test_render_prints_a_pytorchjob_for_the_stage(capsys):
+    import yaml
+
+    from app import cli
+
+    rc = cli.main(["render", "pretrain", "--config", "demo", "--name", "demo-pt", "--replicas", "3"])
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert rc == 0 and doc["kind"] == "PyTorchJob" and doc["metadata"]["name"] == "demo-pt"
+    specs = doc["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 2
+
+
+def test_submit_with_a_bad_name_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    from app import cli
+
+    monkeypatch.setenv("DINOCTL_HOME", str(tmp_path))
+    rc = cli.main(["submit", "pretrain", "--config", "demo", "--name", "Bad_Name"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "name" in err and not (tmp_path / "jobs").exists()

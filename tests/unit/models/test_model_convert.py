@@ -24,8 +24,9 @@ def test_state_dict_round_trips_through_the_official_schema_strictly(build):
     src = build()
     official = to_official(src)
     dst = build()
-    for p in dst.parameters():
-        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        for p in dst.parameters():
+            p.zero_()
     dst.load_state_dict(from_official(official, dst), strict=True)
     x = torch.randn(1, 3, 28, 28)
     torch.testing.assert_close(dst.forward_features(x)["x_prenorm"], src.forward_features(x)["x_prenorm"])
@@ -122,8 +123,8 @@ def test_export_then_load_backbone_infers_the_architecture(tmp_path, build, arch
 def test_load_backbone_with_a_named_arch_reports_a_depth_mismatch(tmp_path):
     uri = (tmp_path / "backbone.pth").as_uri()
     export_backbone(small(), uri)
-    with pytest.raises(CheckpointError, match="backbone.pth: missing keys: blocks.10"):
-        load_backbone(uri, arch="vit_small")
+    with pytest.raises(CheckpointError, match="backbone.pth: missing keys: blocks.2"):
+        load_backbone(uri, arch="vit_small", depth=3)
 
 
 def test_load_backbone_accepts_a_training_checkpoint_path(tmp_path):
@@ -153,3 +154,20 @@ def test_unreadable_file_is_named(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
         load_backbone(str(path))
+
+
+def test_backbone_from_config_maps_the_official_field_names_and_loads_weights(tmp_path):
+    from app.config import ModelConfig
+    from app.models import backbone_from_config
+
+    cfg = ModelConfig(arch="vit_tiny", img_size=56, ffn_layer="swiglufused", drop_path_rate=0.4,
+                      drop_path_uniform=False, layerscale=1e-5, num_register_tokens=2)
+    model = backbone_from_config(cfg)
+    assert "blocks.0.mlp.w12.weight" in model.state_dict()
+    assert model.blocks[-1].drop_path_rate == pytest.approx(0.4) and model.blocks[0].drop_path_rate == 0.0
+    assert torch.all(model.blocks[0].ls1.gamma == 1e-5)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, path)
+    cfg.pretrained_weights = str(path)
+    loaded = backbone_from_config(cfg)
+    assert torch.equal(loaded.pos_embed, model.pos_embed)
