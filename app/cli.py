@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "app.tracking.commands",
     "app.curation.commands",
     "app.train.commands",
+    "app.train.distill_commands",
     "app.eval.commands",
     "app.launch.commands",
     "app.pipeline.commands",

@@ -12,7 +12,7 @@ import sys
 STAGES = {
     "pretrain": "app.train.run",
     "train": "app.train.run",
-    "distill": "app.train.run",
+    "distill": "app.train.distill",
     "curate": "app.curation.run",
     "eval": "app.eval.run",
     "register": "app.eval.registry_run",

@@ -165,7 +165,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("eval", "eval", needs=("pretrain",),
           marker=lambda c: store_uri(c, "runs", c.run.name, "eval", "_SUCCESS"),
           summary=lambda c: store_uri(c, "runs", c.run.name, "eval", "summary.json"),
-          metrics=("knn.top1", "linear.top1"), inputs=_eval_inputs),
+          metrics=("knn.top1.20", "linear.top1"), inputs=_eval_inputs),
     Stage("register", "register", needs=("eval",),
           marker=lambda c: store_uri(c, "runs", c.run.name, "register", "_SUCCESS"),
           summary=lambda c: store_uri(c, "runs", c.run.name, "register", "summary.json"),

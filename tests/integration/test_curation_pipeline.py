@@ -3,7 +3,6 @@ points, storage (file://) and an MLflow sqlite store. Uses the weight-free thumb
 so the planted near-duplicates are what the thresholds below separate."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,14 +42,13 @@ def _args(store, synth_root, name="t", extra=()):
 
 @pytest.fixture(scope="module")
 def curated(synth, tmp_path_factory):
-    import os
-
     home = tmp_path_factory.mktemp("home")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
-    os.environ["DINOCTL_HOME"] = str(home)
-    store = (home / "store").as_uri()
-    assert curate_main(["curate", "run", "--config", "curate_lvd", *_args(store, synth)]) == 0
-    return CurationRun(store, "t"), store
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped: the env must not leak out
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+        mp.setenv("DINOCTL_HOME", str(home))
+        store = (home / "store").as_uri()
+        assert curate_main(["curate", "run", "--config", "curate_lvd", *_args(store, synth)]) == 0
+        yield CurationRun(store, "t"), store
 
 
 def test_dedup_removes_planted_duplicates_and_eval_copies(curated, synth):
