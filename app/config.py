@@ -55,6 +55,8 @@ class ModelConfig:
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
     pretrained_weights: str = ""  # optional URI/path of an official or exported backbone
+    embed_dim: int = 0  # >0 overrides the arch's width (heads stay 64-d: embed_dim/64); distill student  # H10
+    depth: int = 0  # >0 overrides the arch's number of blocks; distill student  # H10
 
 
 @dataclass
@@ -139,6 +141,7 @@ class DistillConfig:
     teacher: str = ""  # URI of our pretraining run (runs/<name>) or an official backbone file
     teacher_arch: str = "vit_giant2"
     student_ema_momentum: float = 0.999
+    max_steps: int = 0  # >0 replaces train.max_steps for the distillation run (one file, two stages)  # H10
 
 
 @dataclass

@@ -7,7 +7,8 @@ DeepSpeed engine, and the same step in bare PyTorch; print JSON.
 
 Reports images/s, step time, peak memory, MFU and the engine overhead
 `(engine step time - bare step time) / bare step time` (same model, batch and losses; the bare
-step uses torch AdamW + clip_grad_norm_ directly). Data loading is excluded: one synthetic
+step uses torch AdamW + clip_grad_norm_ directly). Bare and engine steps alternate and the
+medians are compared, so load from other processes affects both alike. Data loading is excluded: one synthetic
 multi-crop batch (random pixels, real iBOT masks) is reused.
 
 FLOP count (matmuls only, multiply-add = 2 FLOPs), per image of the full recipe step:
@@ -94,17 +95,29 @@ def peak_tflops(args, device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for i in range(warmup):
-        fn(i)
+def timed(fn, step: int, device: torch.device) -> float:
+    """Seconds for `fn(step)`, synchronised on CUDA."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for i in range(steps):
-        fn(warmup + i)
+    fn(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return time.perf_counter() - start
+
+
+def warm(fn, steps: int, device: torch.device) -> float:
+    """Run `steps` warm-up steps; return the peak memory (MiB) they needed."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(steps):
+        fn(i)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def main() -> None:
@@ -165,32 +178,29 @@ def main() -> None:
         opt.step()
         meta.update_teacher(student, s.momentum)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bare_s = timed(bare_step, args.steps, args.warmup, device)
-    bare_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     fpi = flops_per_image(cfg, student.backbone)
-    del opt, student, meta, groups
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    bare_mem = warm(bare_step, args.warmup, device)
 
-    # -- the engine ----------------------------------------------------------------------------
+    # -- the engine (its own copy of the same initial network) ---------------------------------
     torch.manual_seed(0)
-    student = build_network(cfg)
-    meta = SSLMetaArch(student, weights).to(device)
-    groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    e_student = build_network(cfg)
+    e_meta = SSLMetaArch(e_student, weights).to(device)
+    e_groups = get_params_groups(e_student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     if args.zero_stage == 3:
-        register_zero3_external_params(student)
-    engine = build_engine(student, groups, cfg, dinfo.world_size, precision)
-    parts = TrainParts(engine, meta, schedules, args.zero_stage, dtype)
-    engine_s = timed(lambda step: train_step(parts, batch, step), args.steps, args.warmup, device)
-    if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
+        register_zero3_external_params(e_student)
+    engine = build_engine(e_student, e_groups, cfg, dinfo.world_size, precision)
+    parts = TrainParts(engine, e_meta, schedules, args.zero_stage, dtype)
 
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    def engine_step(step: int) -> None:
+        train_step(parts, batch, step)
+
+    mem = warm(engine_step, args.warmup, device)
+    # Interleave the two so that load from other processes hits both alike; report medians.
+    bare_times, engine_times = [], []
+    for i in range(args.steps):
+        bare_times.append(timed(bare_step, args.warmup + i, device))
+        engine_times.append(timed(engine_step, args.warmup + i, device))
+    bare_s, engine_s = float(np.median(bare_times)), float(np.median(engine_times))
     images_per_s = args.batch * dinfo.world_size / engine_s
     peak = peak_tflops(args, device)
     result.update({
@@ -201,7 +211,10 @@ def main() -> None:
         "achieved_tflops": round(fpi * images_per_s / 1e12, 4),
         "mfu": round(fpi * images_per_s / 1e12 / peak, 4) if peak else None,
         "peak_tflops": peak,
-        "peak_memory_mb": round(mem, 1), "bare_peak_memory_mb": round(bare_mem, 1) if bare_mem else None,
+        "engine_step_s_all": [round(t, 4) for t in engine_times],
+        "bare_step_s_all": [round(t, 4) for t in bare_times],
+        # CUDA: peak allocated during each path's warm-up; CPU: the process's peak RSS so far.
+        "peak_memory_mb": round(mem, 1), "bare_peak_memory_mb": round(bare_mem, 1),
     })
     print(json.dumps(result, indent=2))
     from app.train.engine import shutdown

@@ -26,10 +26,20 @@ def _batch(b=4, n_local=2, seed=0):
                                   rng=np.random.default_rng(seed))
 
 
-def _meta(*extra):
+def _meta(*extra, full=False):
+    """A 2-block vit_tiny (the full 12 blocks with full=True, through build_network)."""
     torch.manual_seed(0)
     cfg = _cfg(*extra)
-    student = build_network(cfg)
+    if full:
+        student = build_network(cfg)
+    else:
+        from app.models import DINOHead, build_backbone
+        from app.ssl.meta_arch import SSLNetwork
+
+        backbone = build_backbone("vit_tiny", depth=2, img_size=42, init_values=1e-5)
+        separate = cfg.ibot.separate_head
+        student = SSLNetwork(backbone, DINOHead(192, 32, hidden_dim=16, bottleneck_dim=8),
+                             DINOHead(192, 24, hidden_dim=16, bottleneck_dim=8) if separate else None)
     return student, SSLMetaArch(student, LossWeights.from_config(cfg))
 
 
@@ -103,7 +113,7 @@ def test_update_teacher_is_an_exponential_moving_average():
 
 
 def test_state_dict_holds_teacher_and_centers_with_official_prefixes():
-    _, meta = _meta("ibot.separate_head=true")
+    _, meta = _meta("ibot.separate_head=true", full=True)
     keys = meta.state_dict().keys()
     assert "dino_center" in keys and "ibot_center" in keys
     assert "teacher.backbone.cls_token" in keys

@@ -1,0 +1,214 @@
+"""Distillation meta-architecture: a frozen teacher with its heads, a smaller student, and the
+student's EMA (the model that is exported).
+
+It offers the same four calls as `SSLMetaArch`, so `app/train/step.py::train_step` runs it
+unchanged:
+
+    teacher_out = meta.get_teacher_output(batch, teacher_temp)   # frozen teacher, 2 global crops
+    student_out = meta.get_student_output(student, batch)        # unmasked globals + locals
+    losses      = meta.compute_losses(student_out, teacher_out, batch)
+    ... engine.backward(losses["total_loss"]); engine.step() ...
+    meta.update_teacher(student_module, momentum)                # moves the student EMA
+
+Paper (DINOv2 §5, quoted in dinov2 issue #114): the teacher is frozen, the student has no masking
+and no stochastic depth, the iBOT loss is applied on the two global crops, and "a spare EMA of the
+student" is the final model. With no masking there is no masked subset to pick, so iBOT is the
+cross-entropy on *every* patch token of both global crops (each image's patches weigh 1/N, the
+sum is divided by the 2B global-crop images, as in pretraining); the DINOv2 maintainers describe
+the same choice (MIM loss on all tokens, issue #176). The DINO loss uses the same crop pairs as
+pretraining (same-view pairs skipped), and KoLeo acts on the student's global CLS tokens.
+
+`state_dict()` holds the student EMA (`student_ema.backbone.*`, `student_ema.dino_head.*`, ...)
+and the centering buffers, never the teacher: the teacher is frozen and is reloaded from its run,
+so checkpoints stay small (a ViT-g teacher would add ~4.5 GB to each). `app/eval/model_ref.py`
+picks the `student_ema.` prefix from a checkpoint's `teacher.pt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from app.ssl.centering import sinkhorn_knopp, softmax_center_teacher, update_center
+from app.ssl.dino_loss import dino_multicrop_loss
+from app.ssl.ibot_loss import ibot_patch_loss_masked
+from app.ssl.koleo_loss import koleo_loss
+from app.ssl.meta_arch import CENTER_MOMENTUM, N_GLOBAL_CROPS, STUDENT_TEMP, LossWeights, SSLNetwork
+from app.ssl.meta_arch import _ema, _ema_gathered, _matched_parameters  # one EMA implementation
+
+
+def all_patch_targets(n_images: int, n_patches: int, device: torch.device) -> dict[str, Tensor]:
+    """The "no masking" counterpart of the collate's mask fields, for `n_images` global crops of
+    `n_patches` patches each: masks [n_images, N] all False (the student sees every patch),
+    patch_indices [n_images * N] (every patch is an iBOT target) and patch_weight
+    [n_images * N] = 1/N (each image counts once, as in pretraining)."""
+    return {
+        "masks": torch.zeros(n_images, n_patches, dtype=torch.bool, device=device),
+        "patch_indices": torch.arange(n_images * n_patches, device=device),
+        "patch_weight": torch.full((n_images * n_patches,), 1.0 / n_patches, device=device),
+    }
+
+
+def _n_patches(batch: dict, patch_size: int) -> int:
+    h, w = batch["collated_global_crops"].shape[-2:]
+    return (h // patch_size) * (w // patch_size)
+
+
+class DistillMetaArch(nn.Module):
+    """Frozen teacher (not a registered submodule: kept out of `state_dict`), the student EMA and
+    the softmax-centering buffers `dino_center [1, K]`, `ibot_center [1, K_ibot]`.
+
+    `student` is only used to initialise the EMA; the live student belongs to DeepSpeed.
+    """
+
+    def __init__(self, teacher: SSLNetwork, student: SSLNetwork, weights: LossWeights,
+                 patch_size: int):
+        super().__init__()
+        check_compatible(teacher, student)
+        self.weights = weights
+        self.patch_size = patch_size
+        teacher.requires_grad_(False)
+        teacher.eval()  # no drop-path, ever
+        self.__dict__["teacher"] = teacher  # plain attribute: not saved, not moved by .to()
+        self.student_ema = copy.deepcopy(student).float()
+        self.student_ema.requires_grad_(False)
+        self.student_ema.eval()
+        k_dino = teacher.dino_head.out_dim
+        k_ibot = (teacher.ibot_head or teacher.dino_head).out_dim
+        self.register_buffer("dino_center", torch.zeros(1, k_dino))
+        self.register_buffer("ibot_center", torch.zeros(1, k_ibot))
+
+    def train(self, mode: bool = True) -> "DistillMetaArch":
+        super().train(mode)
+        self.student_ema.eval()
+        self.teacher.eval()
+        return self
+
+    def to_device(self, device: torch.device, teacher_dtype: torch.dtype = torch.float32) -> "DistillMetaArch":
+        """Move the EMA and buffers (fp32) and the teacher (`teacher_dtype`: bf16 on GPU halves a
+        ViT-g teacher to ~2.3 GB) to `device`."""
+        self.to(device)
+        self.teacher.to(device=device, dtype=teacher_dtype)
+        return self
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def get_teacher_output(self, batch: dict, teacher_temp: float,
+                           autocast_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Teacher targets (fp32): dino_probs [2B, K] from the CLS tokens and ibot_probs
+        [2B*N, K_ibot] from every patch token of the unmasked global crops."""
+        crops = batch["collated_global_crops"]
+        n = _n_patches(batch, self.patch_size)
+        idx = all_patch_targets(crops.shape[0], n, crops.device)["patch_indices"]
+        dtype = next(self.teacher.parameters()).dtype
+        with _autocast(crops.device, autocast_dtype):
+            out = self.teacher.forward_teacher(crops.to(dtype), idx)
+        cls_logits = out["cls_logits"].float()
+        patch_logits = out["masked_patch_logits"].float()
+        if self.weights.centering == "sinkhorn_knopp":
+            dino_probs = sinkhorn_knopp(cls_logits, teacher_temp)
+            ibot_probs = sinkhorn_knopp(patch_logits, teacher_temp, n_samples=patch_logits.shape[0])
+        else:
+            # Targets use the centers of previous steps; then the centers move (official order).
+            dino_probs = softmax_center_teacher(cls_logits, self.dino_center, teacher_temp)
+            ibot_probs = softmax_center_teacher(patch_logits, self.ibot_center, teacher_temp)
+            self.dino_center.copy_(update_center(self.dino_center, cls_logits, CENTER_MOMENTUM))
+            self.ibot_center.copy_(update_center(self.ibot_center, patch_logits, CENTER_MOMENTUM))
+        return {"dino_probs": dino_probs, "ibot_probs": ibot_probs}
+
+    def get_student_output(self, student: Callable[..., dict], batch: dict,
+                           dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Run the student (DeepSpeed engine or bare `SSLNetwork`) with no masking; its
+        `masked_patch_logits` [2B*N, K_ibot] then cover every global-crop patch."""
+        g, l = batch["collated_global_crops"], batch["collated_local_crops"]
+        if dtype is not None:
+            g, l = g.to(dtype), l.to(dtype)
+        t = all_patch_targets(g.shape[0], _n_patches(batch, self.patch_size), g.device)
+        return student(g, l, t["masks"], t["patch_indices"])
+
+    def compute_losses(self, student_out: dict, teacher_out: dict, batch: dict) -> dict[str, Tensor]:
+        """Loss terms (fp32 scalars) and `total_loss`, scaled as in pretraining: DINO averaged
+        over the crop pairs, iBOT per-image-weighted over the 2B global crops (all patches),
+        KoLeo summed over the two global crops."""
+        w = self.weights
+        dino = dino_multicrop_loss(student_out["global_logits"], student_out["local_logits"],
+                                   teacher_out["dino_probs"], N_GLOBAL_CROPS, STUDENT_TEMP)
+        n_images = batch["collated_global_crops"].shape[0]
+        weight = all_patch_targets(n_images, _n_patches(batch, self.patch_size),
+                                   student_out["global_cls"].device)["patch_weight"]
+        ibot = ibot_patch_loss_masked(student_out["masked_patch_logits"], teacher_out["ibot_probs"],
+                                      weight, n_images, STUDENT_TEMP)
+        koleo = sum(koleo_loss(c) for c in student_out["global_cls"].chunk(N_GLOBAL_CROPS))
+        losses = {
+            "dino_local_crops_loss": dino["dino_local_crops_loss"],
+            "dino_global_crops_loss": dino["dino_global_crops_loss"],
+            "ibot_loss": ibot,
+            "koleo_loss": koleo,
+        }
+        losses["total_loss"] = (
+            w.dino * (losses["dino_local_crops_loss"] + losses["dino_global_crops_loss"])
+            + w.ibot * ibot + w.koleo * koleo
+        )
+        return losses
+
+    # -- EMA ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_teacher(self, student: nn.Module, momentum: float, zero3: bool = False,
+                       gather_numel: int = 50_000_000) -> None:
+        """student_ema = m * student_ema + (1 - m) * student (the name is `train_step`'s: here
+        the frozen teacher never moves; the schedules pass `distill.student_ema_momentum`).
+
+        Same rules as the pretraining EMA: whole parameters under ZeRO-0/1/2; under ZeRO-3 the
+        partitioned student parameters are gathered read-only in chunks of ~`gather_numel`.
+        """
+        pairs = _matched_parameters(student, self.student_ema)
+        if not zero3:
+            _ema([e for _, e in pairs], [s for s, _ in pairs], momentum)
+            return
+        import deepspeed
+
+        chunk: list[tuple[Tensor, Tensor]] = []
+        size = 0
+        for s, e in pairs:
+            chunk.append((s, e))
+            size += getattr(s, "ds_numel", s.numel())
+            if size >= gather_numel:
+                _ema_gathered(deepspeed, chunk, momentum)
+                chunk, size = [], 0
+        if chunk:
+            _ema_gathered(deepspeed, chunk, momentum)
+
+
+def check_compatible(teacher: SSLNetwork, student: SSLNetwork) -> None:
+    """The student's heads must predict over the teacher's prototypes (same K), and both
+    backbones must cut images into the same patches (iBOT matches patch i to patch i)."""
+    t_ibot = teacher.ibot_head or teacher.dino_head
+    s_ibot = student.ibot_head or student.dino_head
+    if student.dino_head.out_dim != teacher.dino_head.out_dim:
+        raise ValueError(f"student DINO head has {student.dino_head.out_dim} prototypes, the "
+                         f"teacher's {teacher.dino_head.out_dim}")
+    if s_ibot.out_dim != t_ibot.out_dim:
+        raise ValueError(f"student iBOT head has {s_ibot.out_dim} prototypes, the teacher's {t_ibot.out_dim}")
+    t_patch, s_patch = teacher.backbone.patch_size, student.backbone.patch_size
+    if t_patch != s_patch:
+        raise ValueError(f"student patch size {s_patch} differs from the teacher's {t_patch}")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def describe(net: SSLNetwork) -> dict[str, Any]:
+    """A few facts for logs and summaries: width, depth, parameter counts."""
+    bb = net.backbone
+    return {"embed_dim": bb.embed_dim, "depth": bb.depth,
+            "backbone_params": sum(p.numel() for p in bb.parameters()),
+            "head_params": sum(p.numel() for n, p in net.named_parameters() if not n.startswith("backbone."))}
