@@ -22,13 +22,17 @@ pretraining (same-view pairs skipped), and KoLeo acts on the student's global CL
 and the centering buffers, never the teacher: the teacher is frozen and is reloaded from its run,
 so checkpoints stay small (a ViT-g teacher would add ~4.5 GB to each). `app/eval/model_ref.py`
 picks the `student_ema.` prefix from a checkpoint's `teacher.pt`.
+
+The networks: `build_student` (a `student:` ModelConfig, optionally narrower/shallower through
+`embed_dim` / `depth`, with heads over the teacher's prototypes) and `head_from_state_dict` (a
+teacher head rebuilt from its weights alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +43,9 @@ from app.ssl.ibot_loss import ibot_patch_loss_masked
 from app.ssl.koleo_loss import koleo_loss
 from app.ssl.meta_arch import CENTER_MOMENTUM, N_GLOBAL_CROPS, STUDENT_TEMP, LossWeights, SSLNetwork
 from app.ssl.meta_arch import _ema, _ema_gathered, _matched_parameters  # one EMA implementation
+
+if TYPE_CHECKING:
+    from app.config import Config, ModelConfig
 
 
 def all_patch_targets(n_images: int, n_patches: int, device: torch.device) -> dict[str, Tensor]:
@@ -183,6 +190,64 @@ class DistillMetaArch(nn.Module):
                 chunk, size = [], 0
         if chunk:
             _ema_gathered(deepspeed, chunk, momentum)
+
+
+# -- networks ---------------------------------------------------------------------------------
+
+
+def backbone_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """`build_backbone` keywords from a ModelConfig, with the optional width/depth overrides."""
+    kw: dict[str, Any] = dict(
+        patch_size=m.patch_size, img_size=m.img_size,
+        ffn="swiglu" if m.ffn_layer.startswith("swiglu") else m.ffn_layer,
+        drop_path_rate=m.drop_path_rate, drop_path_uniform=m.drop_path_uniform,
+        init_values=m.layerscale, qkv_bias=m.qkv_bias, proj_bias=m.proj_bias, ffn_bias=m.ffn_bias,
+        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
+        interpolate_antialias=m.interpolate_antialias,
+    )
+    if m.embed_dim:
+        kw.update(embed_dim=m.embed_dim, num_heads=m.embed_dim // 64)
+    if m.depth:
+        kw["depth"] = m.depth
+    return kw
+
+
+def head_from_state_dict(sd: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """A DINOHead shaped like the weights `sd` (layers, widths, prototypes), loaded strictly."""
+    from app.models.heads import DINOHead
+
+    linear = sorted((k for k in sd if k.startswith("mlp") and k.endswith("weight") and sd[k].ndim == 2),
+                    key=lambda k: int(k.split(".")[1]) if k.count(".") == 2 else 0)
+    if not linear or "last_layer.weight_v" not in sd:
+        raise ValueError(f"{what}: not a DINO head state dict (keys: {', '.join(list(sd)[:6])})")
+    first, last = sd[linear[0]], sd[linear[-1]]
+    head = DINOHead(first.shape[1], sd["last_layer.weight_v"].shape[0], nlayers=len(linear),
+                    hidden_dim=first.shape[0], bottleneck_dim=last.shape[0],
+                    use_bn=any(k.endswith("running_mean") for k in sd),
+                    mlp_bias=any(k.startswith("mlp") and k.endswith("bias") for k in sd))
+    head.load_state_dict(dict(sd), strict=True)
+    return head
+
+
+def build_student(cfg: Config, teacher) -> Any:
+    """The student: `cfg.student` backbone, heads shaped by `dino` / `ibot` with the teacher's
+    prototype counts (the student predicts over the same prototypes)."""
+    from app.models.heads import DINOHead
+    from app.models.vision_transformer import build_backbone
+    from app.ssl.meta_arch import SSLNetwork
+
+    s = cfg.student
+    backbone = build_backbone(s.arch, **backbone_kwargs(s))
+    dim = backbone.embed_dim
+    t_ibot = teacher.ibot_head or teacher.dino_head
+    d, i = cfg.dino, cfg.ibot
+    dino_head = DINOHead(dim, teacher.dino_head.out_dim, nlayers=d.head_nlayers,
+                         hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim)
+    ibot_head = None
+    if i.separate_head or t_ibot.out_dim != teacher.dino_head.out_dim:
+        ibot_head = DINOHead(dim, t_ibot.out_dim, nlayers=i.head_nlayers,
+                             hidden_dim=i.head_hidden_dim, bottleneck_dim=i.head_bottleneck_dim)
+    return SSLNetwork(backbone, dino_head, ibot_head)
 
 
 def check_compatible(teacher: SSLNetwork, student: SSLNetwork) -> None:

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import io
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from torch import nn
 
 from app import storage
 from app.config import Config, ConfigError, ModelConfig, config_from_dict, config_hash, dump_yaml, load_config
+from app.ssl.distill_meta_arch import backbone_kwargs, build_student, head_from_state_dict
 
 log = logging.getLogger("app.train")
 
@@ -98,39 +100,6 @@ def prepare_config(cfg: Config) -> Config:
 # -- networks ---------------------------------------------------------------------------------
 
 
-def backbone_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """`build_backbone` keywords from a ModelConfig, with the optional width/depth overrides."""
-    kw: dict[str, Any] = dict(
-        patch_size=m.patch_size, img_size=m.img_size, ffn="swiglu" if m.ffn_layer.startswith("swiglu") else m.ffn_layer,
-        drop_path_rate=m.drop_path_rate, drop_path_uniform=m.drop_path_uniform,
-        init_values=m.layerscale, qkv_bias=m.qkv_bias, proj_bias=m.proj_bias, ffn_bias=m.ffn_bias,
-        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
-        interpolate_antialias=m.interpolate_antialias,
-    )
-    if m.embed_dim:
-        kw.update(embed_dim=m.embed_dim, num_heads=m.embed_dim // 64)
-    if m.depth:
-        kw["depth"] = m.depth
-    return kw
-
-
-def head_from_state_dict(sd: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    """A DINOHead shaped like the weights `sd` (layers, widths, prototypes), loaded strictly."""
-    from app.models.heads import DINOHead
-
-    linear = sorted((k for k in sd if k.startswith("mlp") and k.endswith("weight") and sd[k].ndim == 2),
-                    key=lambda k: int(k.split(".")[1]) if k.count(".") == 2 else 0)
-    if not linear or "last_layer.weight_v" not in sd:
-        raise DistillSetupError(f"{what}: not a DINO head state dict (keys: {', '.join(list(sd)[:6])})")
-    first, last = sd[linear[0]], sd[linear[-1]]
-    head = DINOHead(first.shape[1], sd["last_layer.weight_v"].shape[0], nlayers=len(linear),
-                    hidden_dim=first.shape[0], bottleneck_dim=last.shape[0],
-                    use_bn=any(k.endswith("running_mean") for k in sd),
-                    mlp_bias=any(k.startswith("mlp") and k.endswith("bias") for k in sd))
-    head.load_state_dict(dict(sd), strict=True)
-    return head
-
-
 @dataclass
 class Teacher:
     network: Any  # SSLNetwork, frozen
@@ -178,7 +147,9 @@ def load_teacher(cfg: Config) -> Teacher:
             raise DistillSetupError(f"distill.teacher: {uri} is neither a run with export/ or "
                                     "checkpoints/LATEST nor a checkpoint file")
         return Teacher(_teacher_network(backbone, heads, model, source), model, source)
-    except (CheckpointError, storage.StorageError) as exc:
+    except DistillSetupError:
+        raise
+    except (ValueError, storage.StorageError) as exc:  # CheckpointError, a head that is not one
         raise DistillSetupError(f"distill.teacher: {exc}") from None
 
 
@@ -208,27 +179,6 @@ def _teacher_network(backbone_sd: Mapping[str, torch.Tensor], heads: Mapping[str
     dino = head_from_state_dict(heads["dino_head"], f"{source} dino_head")
     ibot = head_from_state_dict(heads["ibot_head"], f"{source} ibot_head") if "ibot_head" in heads else None
     return SSLNetwork(backbone, dino, ibot)
-
-
-def build_student(cfg: Config, teacher) -> Any:
-    """The student: `cfg.student` backbone, heads shaped by `dino` / `ibot` with the teacher's
-    prototype counts (the student predicts over the same prototypes)."""
-    from app.models.heads import DINOHead
-    from app.models.vision_transformer import build_backbone
-    from app.ssl.meta_arch import SSLNetwork
-
-    s = cfg.student
-    backbone = build_backbone(s.arch, **backbone_kwargs(s))
-    dim = backbone.embed_dim
-    t_ibot = teacher.ibot_head or teacher.dino_head
-    d, i = cfg.dino, cfg.ibot
-    dino_head = DINOHead(dim, teacher.dino_head.out_dim, nlayers=d.head_nlayers,
-                         hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim)
-    ibot_head = None
-    if i.separate_head or t_ibot.out_dim != teacher.dino_head.out_dim:
-        ibot_head = DINOHead(dim, t_ibot.out_dim, nlayers=i.head_nlayers,
-                             hidden_dim=i.head_hidden_dim, bottleneck_dim=i.head_bottleneck_dim)
-    return SSLNetwork(backbone, dino_head, ibot_head)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -283,6 +233,7 @@ def _distill(cfg: Config, d) -> int:
     zero_stage = cfg.train.zero_stage
     if zero_stage == 3:
         register_zero3_external_params(student)
+        register_layerscale_params(student)
     engine = build_engine(student, groups, cfg, d.world_size, precision)
     schedules = student_ema_schedules(Schedules.from_config(cfg, d.world_size),
                                       cfg.distill.student_ema_momentum)
@@ -293,9 +244,9 @@ def _distill(cfg: Config, d) -> int:
     if resume_uri:
         state = ckpt.load_checkpoint(engine, meta, resume_uri, cfg.run.name, d.rank, d.world_size,
                                      zero_stage)
-        if state.get("distill_teacher") != teacher.source:
-            raise DistillSetupError(f"checkpoint {resume_uri} was distilled from "
-                                    f"{state.get('distill_teacher')}, not {teacher.source}")
+        if state.get("distill_teacher") != teacher.source:  # a moved store is legitimate
+            log.warning("checkpoint %s was distilled from %s; continuing with %s", resume_uri,
+                        state.get("distill_teacher"), teacher.source)
         start_step, cursor = int(state["step"]), DataCursor.from_dict(state["data_cursor"])
     loader = MultiCropLoader(cfg, d.rank, d.world_size, cursor, start_step=start_step)
 
@@ -307,8 +258,6 @@ def _distill(cfg: Config, d) -> int:
         rank=d.rank, device=d.device, global_batch=cfg.train.batch_size_per_gpu * d.world_size,
         extra_state={"config_hash": config_hash(cfg), "distill_teacher": teacher.source},
     )
-    import os
-
     sample_log_path = os.environ.get("DINOCTL_SAMPLE_LOG")
     sample_log = jsonl_sample_log(f"{sample_log_path}.rank{d.rank}.jsonl", d.rank) if sample_log_path else None
     t_info, s_info = describe(teacher.network), describe(student)
@@ -335,6 +284,20 @@ def _distill(cfg: Config, d) -> int:
             export_student(meta, cfg, summary)
             tracker.log_summary(summary)
     return 0
+
+
+def register_layerscale_params(student) -> None:
+    """ZeRO-3: without drop-path a block adds its LayerScale as `addcmul(x, y, ls.gamma)`, reading
+    the parameter without calling the `ls` module, so DeepSpeed's fetch trace depends on when the
+    parameter happened to be gathered; a resumed run then stops with "tracing error ... expected
+    ls1.gamma". Declaring the gammas as parameters of their block makes every pass fetch them."""
+    import deepspeed
+
+    for block in student.backbone.blocks:
+        for name in ("ls1", "ls2"):
+            gamma = getattr(getattr(block, name, None), "gamma", None)
+            if isinstance(gamma, nn.Parameter):
+                deepspeed.zero.register_external_parameter(block, gamma)
 
 
 def student_ema_schedules(schedules, momentum: float):

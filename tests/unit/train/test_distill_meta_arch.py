@@ -9,8 +9,8 @@ from app.config import load_config
 from app.ssl.ibot_loss import ibot_patch_loss
 from app.ssl.masking import BlockMaskGenerator, collate_data_and_masks
 from app.ssl.meta_arch import LossWeights, build_network
-from app.ssl.distill_meta_arch import DistillMetaArch, all_patch_targets, check_compatible
-from app.train.distill import build_student, prepare_config
+from app.ssl.distill_meta_arch import DistillMetaArch, all_patch_targets, build_student, check_compatible
+from app.train.distill import prepare_config
 
 TEACHER_RUN = "file:///nonexistent/store/runs/teacher"
 

@@ -13,8 +13,9 @@ from app.config import dump_yaml, load_config
 from app.models.convert import export_backbone
 from app.ssl.meta_arch import build_network
 from app.train import distill_commands
-from app.train.distill import (DistillSetupError, build_student, exported_config, head_from_state_dict,
-                               load_teacher, prepare_config, student_ema_schedules)
+from app.ssl.distill_meta_arch import build_student, head_from_state_dict
+from app.train.distill import (DistillSetupError, exported_config, load_teacher, prepare_config,
+                               student_ema_schedules)
 
 SMALL = ["model.img_size=42", "crops.global_crops_size=42", "crops.local_crops_size=14",
          "dino.head_n_prototypes=32", "ibot.head_n_prototypes=24", "dino.head_hidden_dim=16",
