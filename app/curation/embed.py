@@ -31,7 +31,8 @@ def build_embedder(cfg: Any) -> Callable[[list], np.ndarray]:
     """images (list of RGB PIL) -> [B, D] float32 L2-normalised embeddings.
 
     model "vit": the DINOv2 backbone (normalised CLS, or CLS + mean patch token for
-    features="cls+mean"), weights from `embed.weights` (random init with a warning when empty).
+    features="cls+mean"), weights from `embed.weights`, a backbone file or run URI (random init
+    with a warning when empty).
     model "thumbnail": a weight-free copy descriptor (16x16 colour thumbnail, centred per image).
     """
     ecfg = cfg.curation.embed
@@ -44,11 +45,14 @@ def build_embedder(cfg: Any) -> Callable[[list], np.ndarray]:
 
     from torchvision.transforms import v2
 
-    from app.models import build_backbone, load_backbone
+    from app.eval.model_ref import resolve_model
+    from app.models import build_backbone
 
     torch.manual_seed(cfg.run.seed)
     if ecfg.weights:
-        model = load_backbone(ecfg.weights, arch=ecfg.arch)
+        # A backbone file or a run (its export, else its latest checkpoint); the architecture
+        # comes from the weights, so `embed.arch` only sizes the random-init fallback.
+        model = resolve_model(ecfg.weights).model
     else:
         log.warning("curation.embed.weights is empty: embedding with a randomly initialised %s",
                     ecfg.arch)

@@ -63,7 +63,8 @@ def pretrain_demo(store: str, synth: str, name: str, nproc: int, sets: list[str]
            "--set", f"train.dataset={storage.join(synth, 'pool')}"]
     for s in sets:
         cmd += ["--set", s]
-    rc = subprocess.call(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    # Training logs go to stderr: stdout carries only the JSON report.
+    rc = subprocess.call(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=sys.stderr)
     if rc != 0:
         raise SystemExit(f"pretraining failed with exit code {rc}")
     return run
@@ -145,12 +146,16 @@ def evaluate(emb: dict, truth: dict, k: int, threshold: float, eval_threshold: f
     np.fill_diagonal(sim, np.nan)
     dup_sims = np.array([sim[a, b] for a, b in pairs])
     nondup = groups[:, None] != groups[None, :]
+    # Threshold-free: is a duplicate's nearest pool neighbour a member of its own group?
+    nearest = np.argmax(np.where(np.isnan(sim), -np.inf, sim), axis=1)
+    top1 = np.mean([groups[nearest[a]] == groups[a] for a, _ in pairs]) if pairs else 1.0
     out = {"similarity": {  # where the threshold has to sit for this embedder
         "dup_pair_cos_p5_p50": [round(float(np.percentile(dup_sims, q)), 3) for q in (5, 50)],
         "non_dup_cos_p50_p99_p999": [round(float(np.nanpercentile(sim[nondup], q)), 3)
                                      for q in (50, 99, 99.9)],
         "nearest_non_dup_cos_p50": round(float(np.nanmedian(
-            np.nanmax(np.where(nondup, sim, np.nan), axis=1))), 3)}}
+            np.nanmax(np.where(nondup, sim, np.nan), axis=1))), 3),
+        "dup_nearest_is_own_group_pct": round(100.0 * float(top1), 2)}}
     t0 = time.monotonic()
     res = self_dedup(pool, k=k, threshold=threshold)
     rel = relative_dedup(pool, res.components, evals, threshold=eval_threshold, k=k)
@@ -207,6 +212,11 @@ def main() -> None:
         train_s = time.monotonic() - t0
     run_cfg = run_config(weights)
     crop = (run_cfg.get("crops") or {}).get("global_crops_size")
+    if crop is None:  # a checkpoint-only run or a bare file: the size its pos_embed was made for
+        from app.eval.model_ref import resolve_model
+
+        ref = resolve_model(weights)
+        crop, run_cfg = ref.model.img_size, {"model": {"arch": ref.arch}}
     defaults = load_config("demo", [])
     d = defaults.curation.dedup
     k = args.k or d.k
