@@ -275,8 +275,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def register_zero3_external_params(student: SSLNetwork) -> None:
     """ZeRO-3 gathers a module's own parameters when that module is *called*. The student calls
     `backbone.forward_features_list`, not `backbone(...)`, so the backbone's direct parameters
-    (cls_token, pos_embed, mask_token, register_tokens) are registered on the student module."""
+    (cls_token, pos_embed, mask_token, register_tokens) are registered on the student module.
+
+    Likewise a block without drop-path adds its LayerScale as `addcmul(x, y, ls.gamma)`, reading
+    the parameter without calling the `ls` module; unregistered, DeepSpeed's fetch trace depends on
+    when the parameter happened to be gathered and a resumed run stops with "tracing error ...
+    expected ls1.gamma". Declaring the gammas as parameters of their block fixes every pass."""
     import deepspeed
 
     for p in student.backbone.parameters(recurse=False):
         deepspeed.zero.register_external_parameter(student, p)
+    for block in getattr(student.backbone, "blocks", []):
+        for name in ("ls1", "ls2"):
+            gamma = getattr(getattr(block, name, None), "gamma", None)
+            if isinstance(gamma, nn.Parameter):
+                deepspeed.zero.register_external_parameter(block, gamma)

@@ -33,7 +33,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import yaml
-from torch import nn
 
 from app import storage
 from app.config import Config, ConfigError, ModelConfig, config_from_dict, config_hash, dump_yaml, load_config
@@ -233,7 +232,6 @@ def _distill(cfg: Config, d) -> int:
     zero_stage = cfg.train.zero_stage
     if zero_stage == 3:
         register_zero3_external_params(student)
-        register_layerscale_params(student)
     engine = build_engine(student, groups, cfg, d.world_size, precision)
     schedules = student_ema_schedules(Schedules.from_config(cfg, d.world_size),
                                       cfg.distill.student_ema_momentum)
@@ -284,20 +282,6 @@ def _distill(cfg: Config, d) -> int:
             export_student(meta, cfg, summary)
             tracker.log_summary(summary)
     return 0
-
-
-def register_layerscale_params(student) -> None:
-    """ZeRO-3: without drop-path a block adds its LayerScale as `addcmul(x, y, ls.gamma)`, reading
-    the parameter without calling the `ls` module, so DeepSpeed's fetch trace depends on when the
-    parameter happened to be gathered; a resumed run then stops with "tracing error ... expected
-    ls1.gamma". Declaring the gammas as parameters of their block makes every pass fetch them."""
-    import deepspeed
-
-    for block in student.backbone.blocks:
-        for name in ("ls1", "ls2"):
-            gamma = getattr(getattr(block, name, None), "gamma", None)
-            if isinstance(gamma, nn.Parameter):
-                deepspeed.zero.register_external_parameter(block, gamma)
 
 
 def student_ema_schedules(schedules, momentum: float):
