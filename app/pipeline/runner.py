@@ -165,10 +165,12 @@ class Pipeline:
         r.seconds = time.monotonic() - started
         if status.phase != "Succeeded":
             r.status, r.detail = "failed", f"job {r.job} {status.phase}: {status.reason}"
-        elif not storage.exists(stage.marker(cfg)):
-            r.status, r.detail = "failed", f"job {r.job} succeeded but wrote no {stage.marker(cfg)}"
+        # Markers and summaries are named from the pipeline's config: a stage's own config may
+        # rename its run (distill runs as <run>-distill).
+        elif not storage.exists(stage.marker(self.cfg)):
+            r.status, r.detail = "failed", f"job {r.job} succeeded but wrote no {stage.marker(self.cfg)}"
         else:
-            r.status, r.metric = "ran", _metric_text(stage, cfg)
+            r.status, r.metric = "ran", _metric_text(stage, self.cfg)
         self.echo(f"{r.name}: {r.status} in {r.seconds:.1f} s" + (f" ({r.detail})" if r.detail else ""))
 
 
