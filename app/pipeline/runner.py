@@ -38,8 +38,8 @@ def _metric_text(stage: Stage, cfg: Config) -> str:
     found = stage.key_metric(cfg)
     if found is None:
         return ""
-    key, value = found
-    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+    items = [found, *stage.extra_metrics(cfg)]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
 
 def plan(cfg: Config, registry: dict[str, Stage], force: set[str]) -> list[StageResult]:
