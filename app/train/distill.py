@@ -19,7 +19,6 @@ summary.json, then `_SUCCESS`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import io
@@ -185,11 +184,11 @@ def _teacher_network(backbone_sd: Mapping[str, torch.Tensor], heads: Mapping[str
 
 def run(cfg: Config) -> int:
     from app.train.engine import init_distributed, shutdown
-    from app.train.run import _setup_logging
+    from app.train.run import setup_logging
     from app.train.step import NonFiniteLoss
 
     dist_info = init_distributed()
-    _setup_logging(dist_info.rank)
+    setup_logging(dist_info.rank)
     try:
         return _distill(cfg, dist_info)
     except DistillSetupError as exc:
@@ -212,6 +211,7 @@ def _distill(cfg: Config, d) -> int:
     from app.train import checkpoint as ckpt
     from app.train.engine import build_engine, resolve_precision
     from app.train.loop import PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, jsonl_sample_log, train_loop
+    from app.train.run import stage_tracking
     from app.train.step import TrainParts
 
     started = time.monotonic()
@@ -264,7 +264,7 @@ def _distill(cfg: Config, d) -> int:
              t_info["backbone_params"] / 1e6, cfg.student.arch, s_info["embed_dim"], s_info["depth"],
              s_info["backbone_params"] / 1e6, zero_stage, precision, d.world_size, start_step,
              schedules.total_iters)
-    with _tracking(cfg) as tracker:
+    with stage_tracking(cfg, "distill") as tracker:
         result = train_loop(parts, loader, lc, start_step, tracker.log_metrics, stop, sample_log)
         if result.preempted:
             return PREEMPTED_EXIT_CODE
@@ -318,28 +318,6 @@ def export_student(meta, cfg: Config, summary: dict[str, Any]) -> str:
     storage.put_bytes(storage.join(out, "_SUCCESS"), b"")
     log.info("exported the student EMA to %s", out)
     return out
-
-
-@contextlib.contextmanager
-def _tracking(cfg: Config):
-    """The MLflow run of this stage (rank 0; a no-op tracker elsewhere). A tracking server that
-    cannot be reached costs the metrics, never the run."""
-    from app.tracking import NullTracker, get_tracker
-
-    try:
-        ctx = get_tracker().start("distill", config=cfg)
-        tracker = ctx.__enter__()
-    except Exception as exc:  # noqa: BLE001 - tracking must not kill training
-        log.warning("MLflow tracking disabled: %s", exc)
-        yield NullTracker()
-        return
-    try:
-        yield tracker
-    except BaseException:
-        if not ctx.__exit__(*sys.exc_info()):
-            raise
-    else:
-        ctx.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

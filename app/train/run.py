@@ -48,7 +48,7 @@ def run(cfg: Config) -> int:
     from app.train.step import NonFiniteLoss
 
     dist_info = init_distributed()
-    _setup_logging(dist_info.rank)
+    setup_logging(dist_info.rank)
     try:
         return _train(cfg, dist_info)
     except NonFiniteLoss as exc:
@@ -107,7 +107,7 @@ def _train(cfg: Config, d) -> int:
     sample_log = jsonl_sample_log(f"{sample_log_path}.rank{d.rank}.jsonl", d.rank) if sample_log_path else None
     log.info("pretrain %s: %s, ZeRO-%d, %s, world %d, steps %d..%d", cfg.run.name, cfg.model.arch,
              zero_stage, precision, d.world_size, start_step, schedules.total_iters)
-    with _tracking(cfg) as tracker:  # rank 0 only; logs the resolved config as params
+    with stage_tracking(cfg) as tracker:  # rank 0 only; logs the resolved config as params
         result = train_loop(parts, loader, lc, start_step, tracker.log_metrics, stop, sample_log)
         if result.preempted:
             return PREEMPTED_EXIT_CODE
@@ -129,13 +129,13 @@ def _summary(cfg: Config, result, d, precision: str, started: float) -> dict[str
 
 
 @contextlib.contextmanager
-def _tracking(cfg: Config):
+def stage_tracking(cfg: Config, stage: str = "pretrain"):
     """The MLflow run of this stage (`app.tracking`; a no-op tracker on ranks other than 0).
     A tracking server that cannot be reached costs the metrics, never the training run."""
     from app.tracking import NullTracker, get_tracker
 
     try:
-        ctx = get_tracker().start("pretrain", config=cfg)
+        ctx = get_tracker().start(stage, config=cfg)
         tracker = ctx.__enter__()
     except Exception as exc:  # noqa: BLE001 - tracking must not kill training
         log.warning("MLflow tracking disabled: %s", exc)
@@ -150,7 +150,7 @@ def _tracking(cfg: Config):
         ctx.__exit__(None, None, None)
 
 
-def _setup_logging(rank: int) -> None:
+def setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
     try:

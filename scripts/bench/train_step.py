@@ -133,7 +133,6 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override (e.g. crops.local_crops_number=2)")
     args = ap.parse_args()
 
-    from types import SimpleNamespace
 
     from app.config import load_config
     from app.ssl.meta_arch import LossWeights, SSLMetaArch, build_network, register_zero3_external_params

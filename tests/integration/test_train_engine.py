@@ -218,7 +218,6 @@ def test_nan_loss_stops_with_a_message_naming_step_and_term(synth_store, tmp_pat
 def test_sigterm_saves_a_checkpoint_and_exits_with_a_retryable_code(synth_store, tmp_path):
     """What Kubernetes does before killing a pod: SIGTERM to PID 1 (torchrun)."""
     run = "preempted"
-    latest = synth_store / "runs" / run / "checkpoints" / "LATEST"
     samples = tmp_path / f"samples-{run}.rank0.jsonl"
     proc = subprocess.Popen(_cmd(synth_store, run, 1, "--set", "train.max_steps=40",
                                  "--set", "train.checkpoint_every=1000"),

@@ -1,7 +1,6 @@
 """Student/teacher meta-architecture with the real ViT, heads and losses (tiny sizes, CPU)."""
 
 import numpy as np
-import pytest
 import torch
 
 from app.config import load_config
