@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,10 +27,10 @@ from typing import Iterator
 
 from app.launch.executor import JobStatus
 from app.launch.jobspec import JobSpec, pytorchjob_env
+from app.launch.procs import (POLL_S, alive_processes, descendants, free_port, is_alive,
+                              kill_processes, port_free, start_time)
 from app.launch.store import JobStore, new_record, record_to_status, replica_names, set_condition
 
-POLL_S = 0.05
-KILL_GRACE_S = 10.0
 TRACK_S = 0.25  # how often the supervisor records the processes below each replica
 WORKER_GRACE_S = 30.0  # after the Master succeeded, how long Workers may take to exit on their own
 # Variables a parent torchrun/launcher may have set; a replica must see only the operator's values.
@@ -79,102 +78,6 @@ def retryable(policy: str, code: int) -> bool:
     if policy == "ExitCode":
         return 128 <= code <= 255
     return False
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Same option as torch's TCPStore server, so a port in TIME_WAIT counts as free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgrp, state) for every process, read from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
-
-
-def _start_time(pid: int) -> int:
-    """Kernel start time of `pid` (clock ticks since boot); 0 if it is gone. Guards pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return 0 if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`."""
-    return [pid for pid, (_, pgrp, state) in _proc_table().items()
-            if pgrp == pgid and state not in ("Z", "X")]
-
-
-def descendants(root: int) -> list[int]:
-    """Live processes below `root` (torchrun starts its workers in sessions of their own, so a
-    replica's process group alone does not cover them)."""
-    children: dict[int, list[int]] = {}
-    table = _proc_table()
-    for pid, (ppid, _, state) in table.items():
-        if state not in ("Z", "X"):
-            children.setdefault(ppid, []).append(pid)
-    out, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def alive_processes(procs: list[list[int]]) -> list[int]:
-    """The pids of `[[pid, start_time], ...]` that are still the same live process."""
-    return [pid for pid, start in procs if start and _start_time(pid) == start]
-
-
-def kill_processes(pgids: list[int], procs: list[list[int]], grace: float = KILL_GRACE_S) -> None:
-    """SIGTERM every group and every known process `[[pid, start_time], ...]`, wait up to `grace`
-    seconds for all to exit, then SIGKILL what is left."""
-    def remaining() -> bool:
-        return bool(alive_processes(procs)) or any(group_pids(g) for g in pgids)
-
-    def signal_all(sig: int) -> None:
-        for pgid in pgids:
-            try:
-                os.killpg(pgid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in alive_processes(procs):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        signal_all(sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not remaining():
-                return
-            time.sleep(POLL_S)
 
 
 def _signal_name(code: int) -> str:
@@ -242,7 +145,7 @@ class Supervisor:
             self.procs[replica] = proc
             self.record["replicas"][replica] = {"pid": proc.pid, "pgid": proc.pid, "node_rank": rank,
                                                 "exit_code": None,
-                                                "processes": [[proc.pid, _start_time(proc.pid)]]}
+                                                "processes": [[proc.pid, start_time(proc.pid)]]}
         if not self.record["start_time"]:
             self.record["start_time"] = time.time()
         set_condition(self.record, "Running", "PyTorchJobRunning",
@@ -258,7 +161,7 @@ class Supervisor:
             known = {pid for pid, _ in info["processes"]}
             for pid in descendants(proc.pid):
                 if pid not in known:
-                    info["processes"].append([pid, _start_time(pid)])
+                    info["processes"].append([pid, start_time(pid)])
                     changed = True
         if changed:
             self._save()
@@ -420,7 +323,7 @@ class LocalExecutor:
         record = self.store.record(name)
         status = record_to_status(record)
         pid = self._supervisor_pid(name, record)
-        if not status.done and pid and not _alive(pid):
+        if not status.done and pid and not is_alive(pid):
             # Re-read: the supervisor may have written its final status just before exiting.
             record = self.store.record(name)
             status = record_to_status(record)
@@ -466,7 +369,7 @@ class LocalExecutor:
             return record_to_status(record)
         (self.job_dir(name) / "cancel").touch()
         pid = self._supervisor_pid(name, record)
-        if pid and pid != os.getpid() and _alive(pid):
+        if pid and pid != os.getpid() and is_alive(pid):
             with _suppress():
                 os.kill(pid, signal.SIGTERM)
         thread = self._threads.get(name)
@@ -477,7 +380,7 @@ class LocalExecutor:
                 if thread is not None:
                     thread.join(timeout=max(0.0, deadline - time.monotonic()))
                 return record_to_status(record)
-            if thread is None and not (pid and _alive(pid)):
+            if thread is None and not (pid and is_alive(pid)):
                 record = self.store.record(name)
                 if record_to_status(record).done:
                     return record_to_status(record)
@@ -513,14 +416,6 @@ class LocalExecutor:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job '{name}' still {status.phase} after {timeout} s")
             time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 class _suppress:
