@@ -38,11 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from app.ssl.centering import sinkhorn_knopp, softmax_center_teacher, update_center
-from app.ssl.dino_loss import dino_multicrop_loss
-from app.ssl.ibot_loss import ibot_patch_loss_masked
-from app.ssl.koleo_loss import koleo_loss
-from app.ssl.meta_arch import CENTER_MOMENTUM, N_GLOBAL_CROPS, STUDENT_TEMP, LossWeights, SSLNetwork
-from app.ssl.meta_arch import _ema, _ema_gathered, _matched_parameters  # one EMA implementation
+from app.ssl.meta_arch import CENTER_MOMENTUM, LossWeights, SSLNetwork
+from app.ssl.meta_arch import _ema, _ema_gathered, _matched_parameters, ssl_losses  # shared
 
 if TYPE_CHECKING:
     from app.config import Config, ModelConfig
@@ -142,26 +139,10 @@ class DistillMetaArch(nn.Module):
         """Loss terms (fp32 scalars) and `total_loss`, scaled as in pretraining: DINO averaged
         over the crop pairs, iBOT per-image-weighted over the 2B global crops (all patches),
         KoLeo summed over the two global crops."""
-        w = self.weights
-        dino = dino_multicrop_loss(student_out["global_logits"], student_out["local_logits"],
-                                   teacher_out["dino_probs"], N_GLOBAL_CROPS, STUDENT_TEMP)
         n_images = batch["collated_global_crops"].shape[0]
         weight = all_patch_targets(n_images, _n_patches(batch, self.patch_size),
                                    student_out["global_cls"].device)["patch_weight"]
-        ibot = ibot_patch_loss_masked(student_out["masked_patch_logits"], teacher_out["ibot_probs"],
-                                      weight, n_images, STUDENT_TEMP)
-        koleo = sum(koleo_loss(c) for c in student_out["global_cls"].chunk(N_GLOBAL_CROPS))
-        losses = {
-            "dino_local_crops_loss": dino["dino_local_crops_loss"],
-            "dino_global_crops_loss": dino["dino_global_crops_loss"],
-            "ibot_loss": ibot,
-            "koleo_loss": koleo,
-        }
-        losses["total_loss"] = (
-            w.dino * (losses["dino_local_crops_loss"] + losses["dino_global_crops_loss"])
-            + w.ibot * ibot + w.koleo * koleo
-        )
-        return losses
+        return ssl_losses(student_out, teacher_out, weight, n_images, self.weights)
 
     # -- EMA ------------------------------------------------------------------------------------
 

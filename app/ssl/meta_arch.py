@@ -192,24 +192,8 @@ class SSLMetaArch(nn.Module):
         """Loss terms (fp32 scalars) and `total_loss` with the official scalings:
         DINO averaged over the 18 crop pairs, iBOT per-image-weighted over 2B images, and
         KoLeo summed over the two global crops (never across them)."""
-        w = self.weights
-        dino = dino_multicrop_loss(student_out["global_logits"], student_out["local_logits"],
-                                   teacher_out["dino_probs"], N_GLOBAL_CROPS, STUDENT_TEMP)
         n_images = batch["collated_masks"].shape[0]
-        ibot = ibot_patch_loss_masked(student_out["masked_patch_logits"], teacher_out["ibot_probs"],
-                                      batch["masks_weight"], n_images, STUDENT_TEMP)
-        koleo = sum(koleo_loss(c) for c in student_out["global_cls"].chunk(N_GLOBAL_CROPS))
-        losses = {
-            "dino_local_crops_loss": dino["dino_local_crops_loss"],
-            "dino_global_crops_loss": dino["dino_global_crops_loss"],
-            "ibot_loss": ibot,
-            "koleo_loss": koleo,
-        }
-        losses["total_loss"] = (
-            w.dino * (losses["dino_local_crops_loss"] + losses["dino_global_crops_loss"])
-            + w.ibot * ibot + w.koleo * koleo
-        )
-        return losses
+        return ssl_losses(student_out, teacher_out, batch["masks_weight"], n_images, self.weights)
 
     # -- EMA ------------------------------------------------------------------------------------
 
@@ -242,6 +226,30 @@ class SSLMetaArch(nn.Module):
 
     def _teacher_dtype(self) -> torch.dtype:
         return next(self.teacher.parameters()).dtype
+
+
+def ssl_losses(student_out: dict, teacher_out: dict, patch_weight: Tensor, n_images: int,
+               w: "LossWeights") -> dict[str, Tensor]:
+    """DINO + iBOT + KoLeo terms and `total_loss`, shared by pretraining and distillation.
+
+    patch_weight [M]: each selected patch's 1/n(its image); n_images = 2B global crops.
+    """
+    dino = dino_multicrop_loss(student_out["global_logits"], student_out["local_logits"],
+                               teacher_out["dino_probs"], N_GLOBAL_CROPS, STUDENT_TEMP)
+    ibot = ibot_patch_loss_masked(student_out["masked_patch_logits"], teacher_out["ibot_probs"],
+                                  patch_weight, n_images, STUDENT_TEMP)
+    koleo = sum(koleo_loss(c) for c in student_out["global_cls"].chunk(N_GLOBAL_CROPS))
+    losses = {
+        "dino_local_crops_loss": dino["dino_local_crops_loss"],
+        "dino_global_crops_loss": dino["dino_global_crops_loss"],
+        "ibot_loss": ibot,
+        "koleo_loss": koleo,
+    }
+    losses["total_loss"] = (
+        w.dino * (losses["dino_local_crops_loss"] + losses["dino_global_crops_loss"])
+        + w.ibot * ibot + w.koleo * koleo
+    )
+    return losses
 
 
 def _matched_parameters(student: nn.Module, teacher: nn.Module) -> list[tuple[Tensor, Tensor]]:
