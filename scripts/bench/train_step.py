@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # DeepSpeed otherwise prints its accelerator guess to stdout
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 ARCH_PRESETS = {"vits14": "vits14", "vitb14": "vitb14", "vitl14": "vitl14", "vitg14": "vitg14"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
