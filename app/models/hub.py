@@ -59,18 +59,30 @@ def dinov2_vitg14_reg(weights: str | None = None, **kw) -> VisionTransformer:
     return _hub_model("vit_giant2", True, weights, kw)
 
 
+def backbone_kwargs(m) -> dict:
+    """`build_backbone` keywords from an `app.config.ModelConfig` (field names as in the official
+    YAML), with its optional width/depth overrides (0 = the architecture's own)."""
+    kw: dict = dict(
+        patch_size=m.patch_size, img_size=m.img_size,
+        ffn="swiglu" if m.ffn_layer.startswith("swiglu") else m.ffn_layer,
+        drop_path_rate=m.drop_path_rate, drop_path_uniform=m.drop_path_uniform,
+        init_values=m.layerscale, qkv_bias=m.qkv_bias, proj_bias=m.proj_bias, ffn_bias=m.ffn_bias,
+        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
+        interpolate_antialias=m.interpolate_antialias,
+    )
+    if m.embed_dim:
+        kw.update(embed_dim=m.embed_dim, num_heads=m.embed_dim // 64)
+    if m.depth:
+        kw["depth"] = m.depth
+    return kw
+
+
 def backbone_from_config(cfg) -> VisionTransformer:
     """Backbone from an `app.config.ModelConfig` (field names as in the official YAML).
 
     `pretrained_weights`, when set, is loaded strictly (official schema or a training checkpoint).
     """
-    model = build_backbone(
-        cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, ffn=cfg.ffn_layer,
-        drop_path_rate=cfg.drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
-        init_values=cfg.layerscale, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
-        ffn_bias=cfg.ffn_bias, num_register_tokens=cfg.num_register_tokens,
-        interpolate_offset=cfg.interpolate_offset, interpolate_antialias=cfg.interpolate_antialias,
-    )
+    model = build_backbone(cfg.arch, **backbone_kwargs(cfg))
     if getattr(cfg, "pretrained_weights", ""):
         from app.models.convert import backbone_from_training_checkpoint, validate_official
 

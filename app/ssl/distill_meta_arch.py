@@ -42,7 +42,7 @@ from app.ssl.meta_arch import CENTER_MOMENTUM, LossWeights, SSLNetwork
 from app.ssl.meta_arch import _ema, _ema_gathered, _matched_parameters, ssl_losses  # shared
 
 if TYPE_CHECKING:
-    from app.config import Config, ModelConfig
+    from app.config import Config
 
 
 def all_patch_targets(n_images: int, n_patches: int, device: torch.device) -> dict[str, Tensor]:
@@ -176,23 +176,6 @@ class DistillMetaArch(nn.Module):
 # -- networks ---------------------------------------------------------------------------------
 
 
-def backbone_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """`build_backbone` keywords from a ModelConfig, with the optional width/depth overrides."""
-    kw: dict[str, Any] = dict(
-        patch_size=m.patch_size, img_size=m.img_size,
-        ffn="swiglu" if m.ffn_layer.startswith("swiglu") else m.ffn_layer,
-        drop_path_rate=m.drop_path_rate, drop_path_uniform=m.drop_path_uniform,
-        init_values=m.layerscale, qkv_bias=m.qkv_bias, proj_bias=m.proj_bias, ffn_bias=m.ffn_bias,
-        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
-        interpolate_antialias=m.interpolate_antialias,
-    )
-    if m.embed_dim:
-        kw.update(embed_dim=m.embed_dim, num_heads=m.embed_dim // 64)
-    if m.depth:
-        kw["depth"] = m.depth
-    return kw
-
-
 def head_from_state_dict(sd: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     """A DINOHead shaped like the weights `sd` (layers, widths, prototypes), loaded strictly."""
     from app.models.heads import DINOHead
@@ -214,6 +197,7 @@ def build_student(cfg: Config, teacher) -> Any:
     """The student: `cfg.student` backbone, heads shaped by `dino` / `ibot` with the teacher's
     prototype counts (the student predicts over the same prototypes)."""
     from app.models.heads import DINOHead
+    from app.models.hub import backbone_kwargs
     from app.models.vision_transformer import build_backbone
     from app.ssl.meta_arch import SSLNetwork
 

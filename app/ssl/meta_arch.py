@@ -93,16 +93,10 @@ class SSLNetwork(nn.Module):
 def build_network(cfg: Any) -> SSLNetwork:
     """The student network from `cfg.model` / `cfg.dino` / `cfg.ibot` (the teacher copies it)."""
     from app.models.heads import DINOHead
+    from app.models.hub import backbone_kwargs
     from app.models.vision_transformer import build_backbone
 
-    m = cfg.model
-    backbone = build_backbone(
-        m.arch, patch_size=m.patch_size, img_size=m.img_size, ffn=_ffn(m.ffn_layer),
-        drop_path_rate=m.drop_path_rate, drop_path_uniform=m.drop_path_uniform,
-        init_values=m.layerscale, qkv_bias=m.qkv_bias, proj_bias=m.proj_bias, ffn_bias=m.ffn_bias,
-        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
-        interpolate_antialias=m.interpolate_antialias,
-    )
+    backbone = build_backbone(cfg.model.arch, **backbone_kwargs(cfg.model))
     dim = backbone.embed_dim
     d = cfg.dino
     dino_head = DINOHead(dim, d.head_n_prototypes, nlayers=d.head_nlayers,
@@ -113,10 +107,6 @@ def build_network(cfg: Any) -> SSLNetwork:
         ibot_head = DINOHead(dim, i.head_n_prototypes, nlayers=i.head_nlayers,
                              hidden_dim=i.head_hidden_dim, bottleneck_dim=i.head_bottleneck_dim)
     return SSLNetwork(backbone, dino_head, ibot_head)
-
-
-def _ffn(name: str) -> str:
-    return "swiglu" if name.startswith("swiglu") else name
 
 
 @dataclass

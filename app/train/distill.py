@@ -35,7 +35,8 @@ import yaml
 
 from app import storage
 from app.config import Config, ConfigError, ModelConfig, config_from_dict, config_hash, dump_yaml, load_config
-from app.ssl.distill_meta_arch import backbone_kwargs, build_student, head_from_state_dict
+from app.models.hub import backbone_kwargs
+from app.ssl.distill_meta_arch import build_student, head_from_state_dict
 
 log = logging.getLogger("app.train")
 
