@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from app.ssl.centering import sinkhorn_knopp, softmax_center_teacher, update_center
 from app.ssl.meta_arch import CENTER_MOMENTUM, LossWeights, SSLNetwork
-from app.ssl.meta_arch import _ema, _ema_gathered, _matched_parameters, ssl_losses  # shared
+from app.ssl.meta_arch import ema_update, ssl_losses  # one EMA, one loss composition
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -155,22 +155,7 @@ class DistillMetaArch(nn.Module):
         Same rules as the pretraining EMA: whole parameters under ZeRO-0/1/2; under ZeRO-3 the
         partitioned student parameters are gathered read-only in chunks of ~`gather_numel`.
         """
-        pairs = _matched_parameters(student, self.student_ema)
-        if not zero3:
-            _ema([e for _, e in pairs], [s for s, _ in pairs], momentum)
-            return
-        import deepspeed
-
-        chunk: list[tuple[Tensor, Tensor]] = []
-        size = 0
-        for s, e in pairs:
-            chunk.append((s, e))
-            size += getattr(s, "ds_numel", s.numel())
-            if size >= gather_numel:
-                _ema_gathered(deepspeed, chunk, momentum)
-                chunk, size = [], 0
-        if chunk:
-            _ema_gathered(deepspeed, chunk, momentum)
+        ema_update(self.student_ema, student, momentum, zero3, gather_numel)
 
 
 # -- networks ---------------------------------------------------------------------------------

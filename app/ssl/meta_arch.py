@@ -197,22 +197,7 @@ class SSLMetaArch(nn.Module):
         back) in chunks of about `gather_numel` elements to bound the extra memory.
         The teacher is replicated, so every rank computes the same update.
         """
-        pairs = _matched_parameters(student, self.teacher)
-        if not zero3:
-            _ema([t for _, t in pairs], [s for s, _ in pairs], momentum)
-            return
-        import deepspeed
-
-        chunk: list[tuple[Tensor, Tensor]] = []
-        size = 0
-        for s, t in pairs:
-            chunk.append((s, t))
-            size += getattr(s, "ds_numel", s.numel())
-            if size >= gather_numel:
-                _ema_gathered(deepspeed, chunk, momentum)
-                chunk, size = [], 0
-        if chunk:
-            _ema_gathered(deepspeed, chunk, momentum)
+        ema_update(self.teacher, student, momentum, zero3, gather_numel)
 
     def _teacher_dtype(self) -> torch.dtype:
         return next(self.teacher.parameters()).dtype
@@ -240,6 +225,30 @@ def ssl_losses(student_out: dict, teacher_out: dict, patch_weight: Tensor, n_ima
         + w.ibot * ibot + w.koleo * koleo
     )
     return losses
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, student: nn.Module, momentum: float, zero3: bool = False,
+               gather_numel: int = 50_000_000) -> None:
+    """target = m * target + (1 - m) * student, parameter by parameter (the teacher in
+    pretraining, the student EMA in distillation). Under ZeRO-3 the partitioned student is
+    gathered read-only in chunks of about `gather_numel` elements."""
+    pairs = _matched_parameters(student, target)
+    if not zero3:
+        _ema([t for _, t in pairs], [s for s, _ in pairs], momentum)
+        return
+    import deepspeed
+
+    chunk: list[tuple[Tensor, Tensor]] = []
+    size = 0
+    for s, t in pairs:
+        chunk.append((s, t))
+        size += getattr(s, "ds_numel", s.numel())
+        if size >= gather_numel:
+            _ema_gathered(deepspeed, chunk, momentum)
+            chunk, size = [], 0
+    if chunk:
+        _ema_gathered(deepspeed, chunk, momentum)
 
 
 def _matched_parameters(student: nn.Module, teacher: nn.Module) -> list[tuple[Tensor, Tensor]]:
