@@ -25,9 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in STAGES:
         print(f"usage: python -m app.entry <{'|'.join(sorted(STAGES))}> [args...]", file=sys.stderr)
         return 2
+    from app.config import ConfigError
+
     stage, rest = argv[0], argv[1:]
     module = importlib.import_module(STAGES[stage])
-    return int(module.main([stage, *rest]) or 0)
+    try:
+        return int(module.main([stage, *rest]) or 0)
+    except ConfigError as exc:  # every stage: a bad config is one line and exit status 2
+        print(f"{stage}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from app.config import Config, ConfigError, config_hash, dump_yaml, load_config
+from app.config import Config, config_hash, dump_yaml, load_config
 
 log = logging.getLogger("app.train")
 
@@ -33,11 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"pretrain: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)  # a ConfigError becomes one line in app.entry
     if args.resume:
         cfg.train.resume = args.resume
     return run(cfg)
