@@ -36,5 +36,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _exit(rc: int) -> None:
+    """Leave a stage process without gloo's exit-time abort ("terminate called without an active
+    exception", SIGABRT after all work is done): destroy any process group a stage left, flush,
+    and skip interpreter teardown."""
+    import logging
+    import os
+
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the stage's result stands; only the exit is at stake
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -40,15 +40,10 @@ def is_secret_key(key: str) -> bool:
 
 
 def flatten_dict(data: dict, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_dict(value, full + "."))
-        else:
-            out[full] = value
-    return out
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (the config tree's own flattening)."""
+    from app.config import flatten
+
+    return flatten(data, prefix)
 
 
 def clean_key(key: str) -> str:
