@@ -149,25 +149,43 @@ class EmbedConfig:
     arch: str = "vit_small"
     weights: str = ""  # run URI or official backbone file; empty = the pipeline's pretrain run
     features: str = "cls"  # cls | cls+mean
-    model: str = "vit"  # vit | thumbnail (weight-free 16x16 colour descriptor: tests, demo)  # H5
+    model: str = "vit"  # vit | thumbnail (weight-free 16x16 colour descriptor: tests, demo)
     image_size: int = 224
     batch_size: int = 64
     num_workers: int = 2
 
 
 @dataclass
+class CopyHeadConfig:
+    """The copy-detection head learned on the pool (app/curation/copy_head.py)."""
+    train_images: int = 2000  # pool images it is fitted on (a seeded random sample)
+    views: int = 13  # per image: the image itself + views-1 copy edits
+    grid: int = 4  # patch tokens pooled to grid x grid cells
+    thumbnail: int = 8  # plus a colour thumbnail of this side (0: none)
+    dim: int = 256
+    temperature: float = 0.15
+    koleo: float = 3.0
+    steps: int = 400
+    batch_size: int = 256
+
+
+@dataclass
 class DedupConfig:
+    # Vectors dedup compares: auto = copy_head with a ViT embedder, the embedding itself with the
+    # weight-free thumbnail; embedding = the retrieval embedding (as the paper's SSCD would be).
+    descriptor: str = "auto"
+    copy_head: CopyHeadConfig = field(default_factory=CopyHeadConfig)
     k: int = 64
     threshold: float = 0.6
     eval_threshold: float = 0.45
-    index: str = "auto"  # auto | flat | ivf
-    nlist: int = 0  # 0 = 4*sqrt(N)
-    nprobe: int = 16
+    index: str = "auto"  # auto | flat | ivf | ivfsq8 | hnsw | cells (auto: flat, then cells on CPU)
+    nlist: int = 0  # IVF lists (0 = 4*sqrt(N)) or k-means cells (0 = sqrt(N))
+    nprobe: int = 16  # lists / cells searched per query
     exact_below: int = 200_000  # use exact search below this many vectors
     phash_prefilter: bool = False
-    representative: str = "lowest"  # lowest | central: which member a component keeps  # H5
-    hnsw_m: int = 32  # HNSW graph degree (index: hnsw / auto on CPU)  # H5
-    ef_search: int = 128  # HNSW search breadth  # H5
+    representative: str = "lowest"  # lowest | central: which member a component keeps
+    hnsw_m: int = 32  # HNSW graph degree (index: hnsw / auto on CPU)
+    ef_search: int = 128  # HNSW search breadth
 
 
 @dataclass
@@ -178,7 +196,7 @@ class RetrieveConfig:
     per_set_cap: int = 1_000_000
     sample_based_min_size: int = 1_000_000  # seed sets at least this large use sample-based retrieval
     n_clusters: int = 100_000
-    n_iters: int = 20  # k-means iterations for the pool clustering  # H5
+    n_iters: int = 20  # k-means iterations for the pool clustering
 
 
 @dataclass
@@ -188,7 +206,7 @@ class ClusterConfig:
     sample_size: list[int] = field(default_factory=lambda: [10, 10])
     n_iters: int = 50
     init: str = "kmeans++"  # kmeans++ | random | faiss
-    resample_strategy: str = "closest"  # closest | random: members re-clustered per step  # H5
+    resample_strategy: str = "closest"  # closest | random: members re-clustered per step
     target_size: int = 0  # 0: no balanced sampling
     sampling: str = "random"  # random | closest
     multiplier: int = 1
@@ -476,10 +494,11 @@ _CHOICES = {
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "launch.restart_policy": ("OnFailure", "ExitCode", "Never"),
     "curation.embed.features": ("cls", "cls+mean"),
-    "curation.dedup.index": ("auto", "flat", "ivf", "ivfsq8", "hnsw"),  # H5
-    "curation.dedup.representative": ("lowest", "central"),  # H5
-    "curation.embed.model": ("vit", "thumbnail"),  # H5
-    "curation.cluster.resample_strategy": ("closest", "random"),  # H5
+    "curation.dedup.index": ("auto", "flat", "ivf", "ivfsq8", "hnsw", "cells"),
+    "curation.dedup.representative": ("lowest", "central"),
+    "curation.dedup.descriptor": ("auto", "embedding", "copy_head"),
+    "curation.embed.model": ("vit", "thumbnail"),
+    "curation.cluster.resample_strategy": ("closest", "random"),
     "curation.cluster.init": ("kmeans++", "faiss", "random"),
     "curation.cluster.sampling": ("random", "closest"),
     "eval.linear_features": ("cls", "cls+mean"),
@@ -504,6 +523,12 @@ def validate(cfg: Config) -> None:
     lo, hi = cfg.ibot.mask_ratio_min_max
     if not 0.0 <= lo <= hi <= 1.0:
         raise ConfigError(f"'ibot.mask_ratio_min_max' must satisfy 0 <= min <= max <= 1, got {[lo, hi]}")
+    if cfg.curation.dedup.descriptor == "copy_head" and cfg.curation.embed.model != "vit":
+        raise ConfigError("'curation.dedup.descriptor' copy_head needs curation.embed.model vit, got "
+                          f"{cfg.curation.embed.model!r}")
+    for key in ("curation.dedup.copy_head.views", "curation.dedup.copy_head.train_images"):
+        if _get(cfg, key) < 2:
+            raise ConfigError(f"'{key}' must be >= 2, got {_get(cfg, key)}")
     for key in ("crops.global_crops_size", "crops.local_crops_size"):
         if _get(cfg, key) % cfg.model.patch_size:
             raise ConfigError(f"'{key}' must be a multiple of model.patch_size ({cfg.model.patch_size})")

@@ -46,10 +46,11 @@ def size_histogram(components: np.ndarray) -> dict[int, int]:
     return {int(s): int(c) for s, c in zip(sizes, n)}
 
 
-def threshold_edges(D: np.ndarray, I: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Edges (i, j) of a k-NN result (D, I [N, k], row i = query i) with similarity > threshold,
-    excluding self-edges and missing neighbours."""
-    rows = np.broadcast_to(np.arange(I.shape[0])[:, None], I.shape)
+def threshold_edges(D: np.ndarray, I: np.ndarray, threshold: float,
+                    row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (i, j) of a k-NN result (D, I [N, k], row i = query row_offset + i) with
+    similarity > threshold, excluding self-edges and missing neighbours."""
+    rows = np.broadcast_to(row_offset + np.arange(I.shape[0])[:, None], I.shape)
     mask = (D > threshold) & (I >= 0) & (I != rows)
     return rows[mask].astype(np.int64), I[mask].astype(np.int64)
 
@@ -75,22 +76,25 @@ def representatives(emb: np.ndarray, components: np.ndarray, rule: str = "lowest
     return keep
 
 
-def self_dedup(emb: np.ndarray, k: int = 64, threshold: float = 0.6, index: str = "auto",
-               nlist: int = 0, nprobe: int = 16, exact_below: int = 200_000,
-               representative: str = "lowest", extra_edges: tuple | None = None,
-               **index_kwargs) -> SelfDedupResult:
-    """Self-dedup of emb [N, D] (L2-normalised). extra_edges=(i, j) adds edges found elsewhere
-    (e.g. identical perceptual hashes) before the components are formed."""
+def self_edges(emb: np.ndarray, k: int = 64, threshold: float = 0.6, rows: slice | None = None,
+               index_obj=None, **index_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholded k-NN edges (i, j), cosine > threshold, i != j, of the query rows `rows`
+    (default: all) of emb [N, D] against all of emb. `index_obj`: a prebuilt index over emb;
+    otherwise one is built with `index_kwargs` (see knn.build_index)."""
     emb = knn.as_float32(emb, "embeddings")
+    rows = rows if rows is not None else slice(0, emb.shape[0])
+    start = rows.start or 0
+    if index_obj is None:
+        index_obj = knn.build_index(emb, **index_kwargs)
+    D, I = knn.search(index_obj, emb[rows], min(k + 1, emb.shape[0]))  # +1: the self match
+    ei, ej = threshold_edges(D, I, threshold, row_offset=start)
+    return ei, ej
+
+
+def components_from_edges(emb: np.ndarray, ei: np.ndarray, ej: np.ndarray,
+                          representative: str = "lowest") -> SelfDedupResult:
+    """Union-find components of the edges over the N rows of emb, one representative each."""
     n = emb.shape[0]
-    if n == 0:
-        return SelfDedupResult(np.zeros(0, np.int64), np.zeros(0, bool), 0, {"n": 0})
-    D, I = knn.knn_graph(emb, k + 1, index=index, nlist=nlist, nprobe=nprobe,
-                         exact_below=exact_below, **index_kwargs)  # +1: the self match
-    ei, ej = threshold_edges(D, I, threshold)
-    if extra_edges is not None:
-        ei = np.concatenate([ei, np.asarray(extra_edges[0], np.int64)])
-        ej = np.concatenate([ej, np.asarray(extra_edges[1], np.int64)])
     components = connected_components(n, ei, ej)
     keep = representatives(emb, components, representative)
     hist = size_histogram(components)
@@ -100,12 +104,51 @@ def self_dedup(emb: np.ndarray, k: int = 64, threshold: float = 0.6, index: str 
     return SelfDedupResult(components, keep, int(ei.size), stats)
 
 
+def self_dedup(emb: np.ndarray, k: int = 64, threshold: float = 0.6, index: str = "auto",
+               nlist: int = 0, nprobe: int = 16, exact_below: int = 200_000,
+               representative: str = "lowest", extra_edges: tuple | None = None,
+               **index_kwargs) -> SelfDedupResult:
+    """Self-dedup of emb [N, D] (L2-normalised). extra_edges=(i, j) adds edges found elsewhere
+    (e.g. identical perceptual hashes) before the components are formed."""
+    emb = knn.as_float32(emb, "embeddings")
+    if emb.shape[0] == 0:
+        return SelfDedupResult(np.zeros(0, np.int64), np.zeros(0, bool), 0, {"n": 0})
+    ei, ej = self_edges(emb, k, threshold, index=index, nlist=nlist, nprobe=nprobe,
+                        exact_below=exact_below, **index_kwargs)
+    if extra_edges is not None:
+        ei = np.concatenate([ei, np.asarray(extra_edges[0], np.int64)])
+        ej = np.concatenate([ej, np.asarray(extra_edges[1], np.int64)])
+    return components_from_edges(emb, ei, ej, representative)
+
+
 @dataclass
 class RelativeDedupResult:
     drop: np.ndarray  # [N_pool] bool, True = in a component that holds an eval near-duplicate
     dropped_components: np.ndarray  # sorted component ids dropped
     matched_pool: np.ndarray  # sorted pool ids directly matched by some eval image
     stats: dict
+
+
+def eval_matches(index_obj, eval_emb: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, int]:
+    """(sorted pool ids within cosine > threshold of some eval image, number of eval images
+    with a match) for eval_emb [M, D] searched in a pool index."""
+    eval_emb = knn.as_float32(eval_emb, "eval embeddings")
+    if eval_emb.shape[0] == 0:
+        return np.zeros(0, np.int64), 0
+    D, I = knn.search(index_obj, eval_emb, min(k, index_obj.ntotal))
+    hit = (D > threshold) & (I >= 0)
+    return np.unique(I[hit]), int(hit.any(1).sum())
+
+
+def drop_matched_components(pool_components: np.ndarray, matched: np.ndarray, n_eval: int,
+                            n_eval_with_match: int) -> RelativeDedupResult:
+    """Drop every pool component that holds a matched pool image."""
+    dropped = np.unique(pool_components[matched])
+    drop = np.isin(pool_components, dropped)
+    stats = {"n_pool": int(pool_components.shape[0]), "n_eval": int(n_eval),
+             "n_eval_with_match": int(n_eval_with_match), "n_matched_pool": int(matched.size),
+             "n_dropped_components": int(dropped.size), "n_dropped": int(drop.sum())}
+    return RelativeDedupResult(drop, dropped, matched, stats)
 
 
 def relative_dedup(pool_emb: np.ndarray, pool_components: np.ndarray, eval_emb: np.ndarray,
@@ -122,18 +165,10 @@ def relative_dedup(pool_emb: np.ndarray, pool_components: np.ndarray, eval_emb: 
     if n == 0 or len(eval_emb) == 0:
         return RelativeDedupResult(np.zeros(n, bool), np.zeros(0, np.int64), np.zeros(0, np.int64),
                                    {"n_pool": n, "n_eval": len(eval_emb), "n_dropped": 0})
-    eval_emb = knn.as_float32(eval_emb, "eval embeddings")
     index_obj = knn.build_index(pool_emb, index=index, nlist=nlist, nprobe=nprobe,
                                 exact_below=exact_below, **index_kwargs)
-    D, I = knn.search(index_obj, eval_emb, min(k, n))
-    hit = (D > threshold) & (I >= 0)
-    matched = np.unique(I[hit])
-    dropped = np.unique(pool_components[matched])
-    drop = np.isin(pool_components, dropped)
-    stats = {"n_pool": n, "n_eval": int(eval_emb.shape[0]),
-             "n_eval_with_match": int(hit.any(1).sum()), "n_matched_pool": int(matched.size),
-             "n_dropped_components": int(dropped.size), "n_dropped": int(drop.sum())}
-    return RelativeDedupResult(drop, dropped, matched, stats)
+    matched, n_hit = eval_matches(index_obj, eval_emb, threshold, k)
+    return drop_matched_components(pool_components, matched, len(eval_emb), n_hit)
 
 
 # ---- perceptual hash pre-filter -----------------------------------------------------------------

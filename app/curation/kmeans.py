@@ -242,3 +242,107 @@ def hierarchical_kmeans(x: np.ndarray, n_clusters: list[int], n_resampling_steps
         levels.append(Level(res.centroids, res.labels, res.distances))
         inputs = res.centroids
     return ClusterTree(levels)
+
+
+# ---- data-parallel k-means over ranks ---------------------------------------------------------
+
+
+def _init_sample(x_local: np.ndarray, k: int, comm, per_centroid: int, seed: int) -> np.ndarray:
+    """The same random sample of about per_centroid * k rows (all rows if fewer) on every rank,
+    each rank contributing in proportion to its rows."""
+    counts = comm.gather(int(x_local.shape[0]))
+    total = sum(counts)
+    want = min(total, per_centroid * k)
+    mine = int(round(want * x_local.shape[0] / max(total, 1)))
+    rng = np.random.default_rng([seed, comm.rank])
+    rows = np.sort(rng.choice(x_local.shape[0], min(mine, x_local.shape[0]), replace=False))
+    return comm.concat(np.ascontiguousarray(x_local[rows], dtype=np.float32))
+
+
+def kmeans_distributed(x_local: np.ndarray, k: int, comm, n_iters: int = 50,
+                       init: str = "kmeans++", seed: int = 0, chunk_size: int = 0,
+                       init_per_centroid: int = 128) -> KMeansResult:
+    """Lloyd's k-means of the rows spread over ranks (this rank holds x_local). Rank 0 seeds
+    the centroids on a shared sample of init_per_centroid * k rows (`init` as in `kmeans`) and
+    broadcasts them; every iteration assigns locally and all-reduces per-cluster sums and counts
+    in float64, so all ranks hold identical centroids. labels / distances are for x_local."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    x = np.ascontiguousarray(x_local, dtype=np.float32)
+    d = x.shape[1]
+    sample = _init_sample(x, k, comm, init_per_centroid, seed)
+    if not 1 <= k <= sample.shape[0]:
+        raise ValueError(f"k must be in 1..{sample.shape[0]} (number of points), got {k}")
+    c0 = kmeans(sample, k, n_iters=0 if init != "faiss" else n_iters, init=init, seed=seed).centroids \
+        if comm.rank == 0 else None
+    c = torch.from_numpy(np.asarray(comm.broadcast(c0), dtype=np.float32)).to(_device())
+    xt = torch.from_numpy(x)
+    chunk = chunk_size or _chunk(k)
+    objective = []
+    with _threads_for(float(x.shape[0]) * k * d):
+        labels, dists = _assign_t(xt, c, chunk)
+        for _ in range(n_iters):
+            sums = torch.zeros(k, d, dtype=torch.float64)
+            for s in range(0, x.shape[0], chunk):
+                sums.index_add_(0, labels[s:s + chunk], xt[s:s + chunk].double())
+            counts = torch.bincount(labels, minlength=k).double()
+            comm.allreduce_sum(sums)
+            comm.allreduce_sum(counts)
+            nonempty = counts > 0
+            new_c = c.cpu().double().clone()
+            new_c[nonempty] = sums[nonempty] / counts[nonempty, None]
+            c = new_c.float().to(c.device)
+            labels, dists = _assign_t(xt, c, chunk)
+            objective.append(float(comm.allreduce_sum(dists.double().sum().reshape(1))[0]))
+    return KMeansResult(c.cpu().numpy(), labels.numpy(), dists.numpy(), objective)
+
+
+def resampled_kmeans_distributed(x_local: np.ndarray, k: int, comm, n_resampling_steps: int,
+                                 sample_size: int, n_iters: int = 50, init: str = "kmeans++",
+                                 seed: int = 0, strategy: str = "closest") -> KMeansResult:
+    """`resampled_kmeans` over ranks: the selection of each cluster's sample_size members uses
+    the gathered labels and distances (identical on every rank), the small resample is
+    clustered on rank 0, and every rank reassigns its own rows to the broadcast centroids."""
+    res = kmeans_distributed(x_local, k, comm, n_iters, init, seed)
+    if sample_size <= 1:
+        return res
+    offsets = np.cumsum([0] + comm.gather(int(x_local.shape[0])))
+    lo, hi = offsets[comm.rank], offsets[comm.rank + 1]
+    rng = np.random.default_rng(seed)
+    for step in range(n_resampling_steps):
+        labels, dists = comm.concat(res.labels), comm.concat(res.distances)
+        idx = _select_for_resampling(labels, dists, k, sample_size, strategy, rng)
+        mine = idx[(idx >= lo) & (idx < hi)] - lo
+        sub = comm.concat(np.ascontiguousarray(x_local[mine], dtype=np.float32))
+        cents = (kmeans(sub, min(k, sub.shape[0]), n_iters, init, seed + step + 1).centroids
+                 if comm.rank == 0 else None)
+        cents = np.asarray(comm.broadcast(cents), dtype=np.float32)
+        labels_l, dists_l = assign(x_local, cents)
+        res = KMeansResult(cents, labels_l, dists_l, [])
+    return res
+
+
+def hierarchical_kmeans_distributed(x_local: np.ndarray, comm, n_clusters: list[int],
+                                    n_resampling_steps: list[int], sample_size: list[int],
+                                    n_iters: int = 50, init: str = "kmeans++", seed: int = 0,
+                                    strategy: str = "closest") -> ClusterTree | None:
+    """`hierarchical_kmeans` with the first level (all the data) data-parallel over ranks and
+    the upper levels (centroids only: small) on rank 0. Returns the tree on rank 0, None on
+    the other ranks."""
+    if not (len(n_resampling_steps) == len(sample_size) == len(n_clusters)) or not n_clusters:
+        raise ValueError("n_clusters, n_resampling_steps and sample_size must have the same, "
+                         f"non-zero length; got {n_clusters}, {n_resampling_steps}, {sample_size}")
+    t0 = time.time()
+    res = resampled_kmeans_distributed(x_local, n_clusters[0], comm, n_resampling_steps[0],
+                                       sample_size[0], n_iters, init, seed, strategy)
+    labels, dists = comm.concat(res.labels), comm.concat(res.distances)
+    log.info("level 0: %d -> %d clusters over %d ranks in %.1fs", labels.shape[0], n_clusters[0],
+             comm.world, time.time() - t0)
+    if comm.rank != 0:
+        return None
+    first = Level(res.centroids, labels, dists)
+    if len(n_clusters) == 1:
+        return ClusterTree([first])
+    upper = hierarchical_kmeans(res.centroids, n_clusters[1:], n_resampling_steps[1:], sample_size[1:],
+                                n_iters, init, seed + 1000, strategy)
+    return ClusterTree([first] + upper.levels)

@@ -4,8 +4,10 @@ Index choice (`index=`):
   flat   exact IndexFlatIP (GPU flat index when CUDA faiss is present);
   ivf    IVF-Flat, inner product, `nlist` lists (0: 4*sqrt(N)), `nprobe` lists probed;
   ivfsq8 IVF with 8-bit scalar quantisation (4x less memory, slightly lower recall);
-  hnsw   IndexHNSWFlat (CPU only; often the fastest high-recall k-NN graph on CPU);
-  auto   flat below `exact_below` vectors, else hnsw on CPU / ivf on GPU.
+  hnsw   IndexHNSWFlat (CPU only);
+  cells  exact search inside the `nprobe` nearest of `nlist` k-means cells (0: sqrt(N)), one
+         BLAS product per cell (app.curation.cell_index; the fastest high-recall CPU choice);
+  auto   flat below `exact_below` vectors, else cells on CPU / ivf on GPU.
 Numbers for these choices on the CI machine are in scripts/bench/curation.py's output.
 """
 
@@ -18,9 +20,11 @@ import time
 import faiss
 import numpy as np
 
+from app.curation.cell_index import CellIndex
+
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq8", "hnsw")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq8", "hnsw", "cells")
 
 
 def num_gpus() -> int:
@@ -49,22 +53,31 @@ def _to_gpu(index):
     return faiss.index_cpu_to_gpu(res, 0, index), res
 
 
+def resolve_kind(index: str, n: int, exact_below: int = 200_000) -> str:
+    """The concrete index kind `auto` means for n vectors on this machine."""
+    if index != "auto":
+        return index
+    return "flat" if n < exact_below else ("ivf" if num_gpus() > 0 else "cells")
+
+
 def build_index(xb: np.ndarray, index: str = "auto", nlist: int = 0, nprobe: int = 16,
                 exact_below: int = 200_000, hnsw_m: int = 32, ef_search: int = 128,
-                ef_construction: int = 80, train_size: int = 0, seed: int = 0):
+                ef_construction: int = 80, train_size: int = 0, seed: int = 0,
+                centroids: np.ndarray | None = None):
     """Build an inner-product faiss index over xb [N, D] float32; returns the index.
 
     train_size: vectors used to train IVF centroids (0: min(N, 64*nlist)).
+    centroids: ready cell centroids for `cells` (another rank trained them); None: train here.
     """
     if index not in INDEX_KINDS:
         raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
     xb = as_float32(xb, "index_vectors")
     n, d = xb.shape
     gpu = num_gpus() > 0
-    kind = index
-    if kind == "auto":
-        kind = "flat" if n < exact_below else ("ivf" if gpu else "hnsw")
+    kind = resolve_kind(index, n, exact_below)
     t0 = time.time()
+    if kind == "cells":
+        return CellIndex(xb, centroids=centroids, n_cells=nlist, nprobe=nprobe, seed=seed)
     if kind == "flat":
         idx = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
@@ -110,6 +123,8 @@ def search(index_or_vectors, queries: np.ndarray, k: int, batch_size: int = 1638
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     q = queries.shape[0]
+    if isinstance(index, CellIndex):  # groups queries by cell itself; bigger batches, bigger GEMMs
+        batch_size = max(batch_size, index.query_block)
     D = np.empty((q, k), dtype=np.float32)
     I = np.empty((q, k), dtype=np.int64)
     t0 = last = time.time()

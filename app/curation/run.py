@@ -2,53 +2,25 @@
 
 Stages: embed | dedup | retrieve | cluster | materialize | report | run (the configured stages,
 then report). A stage whose `_SUCCESS` exists is skipped (`--force` recomputes it). Embedding is
-split over ranks by shard; the other stages run on rank 0 while the other ranks wait.
+split over ranks by shard, dedup by query rows and cluster by data rows (app.curation.stages);
+retrieve, materialize and report run on rank 0 while the other ranks wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
 from app.curation.artifacts import CurationRun, set_name
+from app.curation.comm import Comm
 
 log = logging.getLogger(__name__)
 
 STAGE_DIR = {"embed": "embeddings", "dedup": "dedup", "retrieve": "retrieval", "cluster": "clusters",
              "materialize": "selection", "report": "report"}
 STAGES = tuple(STAGE_DIR)
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size); joins the gloo group when launched on several ranks."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-    return rank, world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def input_sets(cfg: Any) -> list[tuple[str, str]]:
@@ -64,11 +36,14 @@ def input_sets(cfg: Any) -> list[tuple[str, str]]:
     return sets
 
 
-def stage_embed(run: CurationRun, cfg: Any, rank: int, world: int) -> dict[str, Any]:
-    from app.curation.embed import embed_dataset
+def stage_embed(run: CurationRun, cfg: Any, comm: Comm) -> dict[str, Any]:
+    from app.curation.embed import embed_dataset, ensure_copy_head, uses_copy_head
 
-    results = {name: embed_dataset(run, name, uri, cfg, rank, world) for name, uri in input_sets(cfg)}
-    gathered = _gather(results, world)
+    rank, world = comm.rank, comm.world
+    head = ensure_copy_head(run, cfg, comm) if uses_copy_head(cfg) else None
+    results = {name: embed_dataset(run, name, uri, cfg, rank, world, copy_head=head)
+               for name, uri in input_sets(cfg)}
+    gathered = comm.gather(results)
     summary = {"stage": "embed", "world_size": world, "sets": {}}
     for name, uri in input_sets(cfg):
         parts = [g[name] for g in gathered]
@@ -87,6 +62,12 @@ def stage_embed(run: CurationRun, cfg: Any, rank: int, world: int) -> dict[str, 
             summary["sets"][name]["images"] = int(len(data["keys"]))
             summary["sets"][name]["corrupt"] = int(len(data["corrupt"]))
             summary["sets"][name]["dim"] = int(data["embeddings"].shape[1]) if data["embeddings"].size else 0
+            if "copy" in data:
+                summary["sets"][name]["copy_dim"] = int(data["copy"].shape[1])
+        if head is not None:
+            from app import storage
+
+            summary["copy_head"] = storage.get_json(run.uri("embeddings", "copy_head.json"))
         run.mark_done("embeddings", summary)
     return summary
 
@@ -96,22 +77,30 @@ def run_stage(stage: str, cfg: Any, tracker: Any, force: bool = False) -> dict[s
     from app.curation.report import run_report
     from app.curation.stages import run_cluster, run_dedup, run_retrieve
 
-    rank, world = _dist()
+    comm = Comm.from_env()
+    rank = comm.rank
     run = CurationRun(cfg.run.store, cfg.run.name)
     # Rank 0's view decides, so no rank skips a stage another rank is about to run (deadlock).
-    done = _gather(run.done(STAGE_DIR[stage]) and not force, world)[0]
+    done = comm.gather(run.done(STAGE_DIR[stage]) and not force)[0]
     if done:
         log.info("curate %s: already done (%s), skipping", stage, run.uri(STAGE_DIR[stage]))
         return run.summary(STAGE_DIR[stage])
+    if force and rank == 0:  # per-rank parts of an earlier attempt must not be reused either
+        from app import storage
+
+        for obj in storage.list_objects(run.uri(STAGE_DIR[stage], "parts") + "/"):
+            storage.delete(obj.uri)
+    comm.barrier()
     if stage == "embed":
-        summary = stage_embed(run, cfg, rank, world)
+        summary = stage_embed(run, cfg, comm)
+    elif stage in ("dedup", "cluster"):  # every rank takes a share
+        summary = (run_dedup if stage == "dedup" else run_cluster)(run, cfg, comm)
     elif rank == 0:
-        fn = {"dedup": run_dedup, "retrieve": run_retrieve, "cluster": run_cluster,
-              "materialize": run_materialize}.get(stage)
+        fn = {"retrieve": run_retrieve, "materialize": run_materialize}.get(stage)
         summary = fn(run, cfg) if fn else run_report(run, cfg, tracker)
     else:
         summary = None
-    _barrier(world)
+    comm.barrier()
     if summary is not None and rank == 0 and stage != "report":
         tracker.log_summary({k: v for k, v in summary.items() if not k.startswith("leaf_sizes")},
                             f"curation/{stage}.json")

@@ -9,9 +9,10 @@
    another one); its ground_truth.json names the injected near-duplicates and eval copies;
 2. without --weights, pretrains with configs/demo.yaml on the pool (torchrun subprocess) and
    uses that run;
-3. embeds pool, eval_train and eval_val with the curation embed stage's embedder
-   (app.curation.embed.build_embedder) for each embedder: the trained backbone, the same
-   architecture randomly initialised, and the weight-free 16x16 thumbnail descriptor;
+3. embeds pool, eval_train and eval_val the way the curation embed stage does, for each
+   embedder: the trained backbone with the copy-detection head fitted on the pool (the default
+   dedup descriptor, app/curation/copy_head.py), the trained backbone's own embedding, a
+   randomly initialised backbone with a copy head, and the weight-free 16x16 thumbnail;
 4. runs self_dedup (k-NN graph, cosine > threshold, union-find, keep one per component) and
    relative_dedup against eval_train + eval_val, at the defaults and over a threshold sweep.
 
@@ -88,23 +89,33 @@ def run_config(weights: str) -> dict:
     return {}
 
 
-def embed_sets(cfg, sets: dict[str, str]) -> tuple[dict, float]:
-    """{set name: (keys [N], embeddings [N, D])} with the curation embed stage's embedder."""
-    from app.curation.embed import build_embedder, embed_shard
+def embed_sets(cfg, sets: dict[str, str]) -> tuple[dict, float, dict]:
+    """{set name: (keys [N], dedup vectors [N, D])} as the curation embed stage makes them: the
+    copy-head descriptors when the config uses a copy head (fitted here on the pool, as the
+    stage does), else the embeddings. Also images/s and the copy head's training stats."""
+    from app.curation.copy_head import fit_on_images
+    from app.curation.embed import _sample_images, _vit_forward, build_embedder, embed_shard, uses_copy_head
     from app.data import Dataset
 
     t0 = time.monotonic()
-    embedder = build_embedder(cfg)
+    head, head_stats = None, {}
+    if uses_copy_head(cfg):
+        h = cfg.curation.dedup.copy_head
+        head = fit_on_images(_sample_images(sets["pool"], h.train_images, cfg.run.seed),
+                             _vit_forward(cfg), h, cfg.run.seed)
+        head_stats = head.stats
+    embedder = build_embedder(cfg, head)
+    field = "copy" if head is not None else "embeddings"
     out, n = {}, 0
     for name, uri in sets.items():
         keys, embs = [], []
         for shard in Dataset(uri).shard_uris:
             arrays, _ = embed_shard(shard, embedder, cfg.curation.embed.batch_size)
             keys.append(arrays["keys"])
-            embs.append(arrays["embeddings"].astype(np.float32))
+            embs.append(arrays[field].astype(np.float32))
         out[name] = (np.concatenate(keys), np.concatenate(embs))
         n += len(out[name][0])
-    return out, n / max(time.monotonic() - t0, 1e-9)
+    return out, n / max(time.monotonic() - t0, 1e-9), head_stats
 
 
 def truth_groups(keys: np.ndarray, truth: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -242,9 +253,12 @@ def main() -> None:
     arch = (run_cfg.get("model") or {}).get("arch", defaults.model.arch)
     common = [f"curation.embed.image_size={size}", f"curation.embed.features={args.features}",
               f"curation.embed.arch={arch}", "curation.embed.batch_size=64", "curation.embed.model=vit"]
-    embedders = {"trained": [f"curation.embed.weights={weights}"]}
+    trained = [f"curation.embed.weights={weights}"]
+    embedders = {"trained_copy_head": trained + ["curation.dedup.descriptor=copy_head"],
+                 "trained_embedding": trained + ["curation.dedup.descriptor=embedding"]}
     if not args.no_baselines:
-        embedders["random_init"] = ["curation.embed.weights="]
+        embedders["random_init_copy_head"] = ["curation.embed.weights=",
+                                              "curation.dedup.descriptor=copy_head"]
         embedders["thumbnail"] = ["curation.embed.model=thumbnail"]
 
     report = {"synth": synth, "weights": weights, "arch": arch, "features": args.features,
@@ -256,18 +270,20 @@ def main() -> None:
     for name, sets_ in embedders.items():
         cfg = load_config("demo", common + sets_)
         t0 = time.monotonic()
-        emb, ips = embed_sets(cfg, sets)
+        emb, ips, head_stats = embed_sets(cfg, sets)
         embed_s = time.monotonic() - t0
         result = evaluate(emb, truth, k, threshold, eval_threshold, tuple(args.sweep))
         result.update({"embed_s": round(embed_s, 1), "embed_images_per_s": round(ips, 1)})
+        if head_stats:
+            result["copy_head"] = head_stats
         report["embedders"][name] = result
     demo = defaults.curation
     if not args.no_baselines and (demo.embed.model, demo.dedup.k, demo.dedup.threshold) != (
             "vit", d.k, d.threshold):
-        emb, _ = embed_sets(defaults, sets)
+        emb, _, _ = embed_sets(defaults, sets)
         report["demo_preset"] = {"embed_model": demo.embed.model, **evaluate(
             emb, truth, demo.dedup.k, demo.dedup.threshold, demo.dedup.eval_threshold, ())}
-    trained = report["embedders"]["trained"]["default"]
+    trained = report["embedders"]["trained_copy_head"]["default"]
     report["goal"] = {"recall_ge_95": bool(trained["recall_pct"] >= 95.0),
                       "false_removal_le_2": bool(trained["false_removal_pct"] <= 2.0),
                       "all_eval_copies_dropped": bool(trained["eval_copy_recall_pct"] >= 100.0)}

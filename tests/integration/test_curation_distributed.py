@@ -1,18 +1,22 @@
-"""`torchrun -m app.entry curate` on two ranks: embed splits shards over ranks and the rank-0
-stages run while the other rank waits at the barrier."""
+"""`torchrun -m app.entry curate` on two ranks: embed splits shards over ranks, dedup splits the
+k-NN queries over ranks against one shared cell partition, cluster runs its first k-means level
+data-parallel, and the rank-0 stages run while the other rank waits at the barrier."""
 
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from app.curation import dedup
 from app.curation.artifacts import CurationRun
+from app.curation.embed import load_set
 
 
 @pytest.mark.slow
-def test_two_rank_embed_and_dedup_cover_every_shard_once(tmp_path):
+def test_two_rank_embed_dedup_and_cluster(tmp_path):
     from app.data.synth import synthesize
 
     synth = tmp_path / "synth"
@@ -22,7 +26,14 @@ def test_two_rank_embed_and_dedup_cover_every_shard_once(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "DINOCTL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     sets = [f"run.store={store}", "run.name=d", f"curation.pool={synth.as_uri()}/pool",
-            "curation.embed.model=thumbnail", "curation.stages=[embed,dedup]"]
+            "curation.embed.model=thumbnail", "curation.stages=[embed,dedup,cluster]",
+            f"curation.eval_sets=[{synth.as_uri()}/eval_val]",
+            # cells probing every cell: exact, so the result must equal one exact search
+            "curation.dedup.index=cells", "curation.dedup.nlist=4", "curation.dedup.nprobe=4",
+            "curation.dedup.threshold=0.9", "curation.dedup.eval_threshold=0.9",
+            "curation.cluster.n_clusters=[6,2]", "curation.cluster.n_resampling_steps=[2,1]",
+            "curation.cluster.sample_size=[3,1]", "curation.cluster.n_iters=5",
+            "curation.cluster.target_size=30"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -35,7 +46,24 @@ def test_two_rank_embed_and_dedup_cover_every_shard_once(tmp_path):
     emb = run.summary("embeddings")
     assert emb["world_size"] == 2
     assert emb["sets"]["pool"]["images"] == 60 and emb["sets"]["pool"]["shards"] == 6
-    assert run.summary("dedup")["n_pool"] == 60
+    summary = run.summary("dedup")
+    assert summary["n_pool"] == 60 and summary["world_size"] == 2 and summary["index"] == "cells"
+    # both ranks wrote their share of the searches
+    assert [run.get_arrays(f"dedup/parts/rank{r:05d}-of-00002.npz")["ei"].ndim for r in (0, 1)] == [1, 1]
+    pool = load_set(run, "pool", f"{synth.as_uri()}/pool")
+    evals = load_set(run, "eval0-eval_val", f"{synth.as_uri()}/eval_val")["embeddings"]
+    want = dedup.self_dedup(pool["embeddings"], k=64, threshold=0.9, index="flat")
+    want_rel = dedup.relative_dedup(pool["embeddings"], want.components, evals, threshold=0.9,
+                                    index="flat")
+    got = run.get_arrays("dedup/dedup.npz")
+    assert np.array_equal(got["components"], want.components)
+    assert np.array_equal(got["eval_drop"], want_rel.drop)
+    assert summary["self"]["n_removed"] > 0  # the planted duplicates are there to be found
+    clusters = run.summary("clusters")
+    assert clusters["world_size"] == 2 and clusters["n_input"] == summary["n_kept"]
+    assert clusters["n_selected"] == min(30, summary["n_kept"])
+    level0 = run.get_arrays("clusters/level0.npz")
+    assert level0["assignment"].shape == (summary["n_kept"],) and level0["centroids"].shape[0] == 6
     # a rerun on two ranks skips every stage on both (no rank left waiting at a barrier)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
