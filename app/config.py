@@ -164,7 +164,7 @@ class CopyHeadConfig:
     thumbnail: int = 8  # plus a colour thumbnail of this side (0: none)
     dim: int = 256
     temperature: float = 0.15
-    koleo: float = 3.0
+    koleo: float = 1.0
     steps: int = 400
     batch_size: int = 256
 

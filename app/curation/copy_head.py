@@ -122,8 +122,8 @@ def koleo(z: torch.Tensor) -> torch.Tensor:
     return -torch.log(torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=1e-8))).mean()
 
 
-def train_copy_head(views: torch.Tensor, dim: int = 256, temperature: float = 0.1,
-                    koleo_weight: float = 3.0, steps: int = 400, batch_size: int = 256,
+def train_copy_head(views: torch.Tensor, dim: int = 256, temperature: float = 0.15,
+                    koleo_weight: float = 1.0, steps: int = 400, batch_size: int = 256,
                     lr: float = 1e-3, seed: int = 0, grid: int = 4, thumbnail: int = 0) -> CopyHead:
     """Fit the head on head inputs of views [N, V, D_in] (view 0: the image as stored, the
     others copy edits). Each step pairs two different views of batch_size images. grid and

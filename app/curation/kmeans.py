@@ -70,29 +70,34 @@ def _assign_t(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tenso
     return labels, dists
 
 
-def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator, chunk: int = 65536) -> torch.Tensor:
+def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding with greedy local trials (2 + floor(ln k) candidates per centre, keep
     the one that lowers the potential most); potentials accumulate in float64.
-    x [N, D] -> centres [k, D]."""
+    x [N, D] -> centres [k, D]. Buffers are allocated once: at 1M points a fresh [trials, N]
+    float64 block per centre made the page faults cost more than the arithmetic."""
     n = x.shape[0]
     dev = _device()
     xd = x.to(dev, torch.float32)
+    x_sq = (xd * xd).sum(1)
     trials = 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=gen))
     centres = [xd[first]]
     closest = ((xd - xd[first]) ** 2).sum(1).double()
+    cum = torch.empty_like(closest)
+    d32 = torch.empty(trials, n, dtype=torch.float32, device=dev)
+    cand_closest = torch.empty(trials, n, dtype=torch.float64, device=dev)
     for _ in range(1, k):
-        cum = torch.cumsum(closest, 0)
+        torch.cumsum(closest, 0, out=cum)
         r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev) * cum[-1]
         cand = torch.searchsorted(cum, r).clamp_(max=n - 1)
-        # [trials, N] distances of every point to each candidate, in chunks of rows
-        cd = torch.empty(trials, n, dtype=torch.float64, device=dev)
         cx = xd[cand]
-        for s in range(0, n, chunk):
-            cd[:, s:s + chunk] = torch.cdist(cx, xd[s:s + chunk]).double() ** 2
-        cand_closest = torch.minimum(closest[None, :], cd)
+        # squared distances of every point to each candidate: |c|^2 + |x|^2 - 2 c.x
+        torch.mm(cx, xd.T, out=d32)
+        d32.mul_(-2.0).add_(x_sq[None, :]).add_((cx * cx).sum(1)[:, None]).clamp_(min=0.0)
+        cand_closest.copy_(d32)
+        torch.minimum(cand_closest, closest[None, :], out=cand_closest)
         best = int(cand_closest.sum(1).argmin())
-        closest = cand_closest[best]
+        closest.copy_(cand_closest[best])
         centres.append(xd[cand[best]])
     return torch.stack(centres)
 

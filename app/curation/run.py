@@ -85,10 +85,11 @@ def run_stage(stage: str, cfg: Any, tracker: Any, force: bool = False) -> dict[s
     if done:
         log.info("curate %s: already done (%s), skipping", stage, run.uri(STAGE_DIR[stage]))
         return run.summary(STAGE_DIR[stage])
-    if force and rank == 0:  # per-rank parts of an earlier attempt must not be reused either
-        from app import storage
+    if force and rank == 0:  # nothing an earlier attempt left may be reused either: embedding
+        from app import storage  # parts and the copy head, dedup's per-rank parts
 
-        for obj in storage.list_objects(run.uri(STAGE_DIR[stage], "parts") + "/"):
+        leftovers = run.uri(STAGE_DIR[stage]) if stage == "embed" else run.uri(STAGE_DIR[stage], "parts")
+        for obj in storage.list_objects(leftovers + "/"):
             storage.delete(obj.uri)
     comm.barrier()
     if stage == "embed":

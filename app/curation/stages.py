@@ -107,8 +107,9 @@ def run_dedup(run: CurationRun, cfg: Any, comm: Comm | None = None) -> dict[str,
     pool = load_set(run, "pool", c.pool)
     field = "copy" if uses_copy_head(cfg) else "embeddings"
     eval_sets = [load_set(run, set_name("eval", i, u), u) for i, u in enumerate(c.eval_sets)]
-    for name, data in [("pool", pool)] + [(set_name("eval", i, u), d) for i, (u, d) in
-                                          enumerate(zip(c.eval_sets, eval_sets))]:
+    named = [("pool", pool)] + [(set_name("eval", i, u), e)
+                                for i, (u, e) in enumerate(zip(c.eval_sets, eval_sets))]
+    for name, data in named:
         if field not in data and len(data["keys"]):
             from app.config import ConfigError
 
@@ -116,7 +117,7 @@ def run_dedup(run: CurationRun, cfg: Any, comm: Comm | None = None) -> dict[str,
                              "with curation.dedup.descriptor=embedding?); rerun `curate embed "
                              "--force` or set curation.dedup.descriptor=embedding")
     emb = pool.get(field, pool["embeddings"])
-    eval_sets = [d.get(field, d["embeddings"]) for d in eval_sets]
+    eval_sets = [e.get(field, e["embeddings"]) for e in eval_sets]
     evals = (np.concatenate(eval_sets) if eval_sets else np.zeros((0, emb.shape[1]), np.float32))
     if len(emb):
         _dedup_part(run, cfg, comm, emb, evals)

@@ -86,13 +86,31 @@ def bench_hkmeans(x, levels, resampling, sample_size, n_iters, init, target, see
     t1 = time.time()
     sel = balanced_sample(tree, target, sampling="random", seed=seed)
     bs_s = time.time() - t1
-    leaf_sizes = np.bincount(tree.levels[0].assignment, minlength=levels[0])
-    sel_sizes = np.bincount(tree.levels[0].assignment[sel], minlength=levels[0])
-    return {"levels": levels, "n_resampling_steps": resampling, "sample_size": sample_size,
-            "n_iters": n_iters, "init": init, "hkmeans_s": round(hk_s, 1), "hkmeans_cpu_s": round(hk_cpu, 1),
-            "balanced_sample_s": round(bs_s, 2), "target": target, "selected": int(len(sel)),
-            "leaf_size_max_over_median_before": round(float(leaf_sizes.max() / max(1, np.median(leaf_sizes))), 2),
-            "leaf_size_max_over_median_after": round(float(sel_sizes.max() / max(1, np.median(sel_sizes))), 2)}
+    out = {"levels": levels, "n_resampling_steps": resampling, "sample_size": sample_size,
+           "n_iters": n_iters, "init": init, "hkmeans_s": round(hk_s, 1), "hkmeans_cpu_s": round(hk_cpu, 1),
+           "balanced_sample_s": round(bs_s, 2), "target": target, "selected": int(len(sel))}
+    # Cluster sizes per level, of the whole input and of the selection. Balanced sampling
+    # equalises top-down: the top level first, then the children inside each parent.
+    point_cluster = tree.levels[0].assignment
+    for lv, level in enumerate(tree.levels):
+        if lv:
+            point_cluster = level.assignment[point_cluster]
+        k = level.centroids.shape[0]
+        for name, ids in (("before", point_cluster), ("after", point_cluster[sel])):
+            sizes = np.bincount(ids, minlength=k)
+            out[f"level{lv}_{name}"] = cluster_spread(sizes)
+    return out
+
+
+def cluster_spread(sizes: np.ndarray) -> dict:
+    """max/median size, share held by the largest 10% of clusters, and normalised entropy
+    (1 = all clusters the same size) of a cluster-size vector."""
+    p = sizes / max(1, sizes.sum())
+    nz = p[p > 0]
+    top = np.sort(sizes)[::-1][:max(1, len(sizes) // 10)].sum() / max(1, sizes.sum())
+    return {"max_over_median": round(float(sizes.max() / max(1, np.median(sizes))), 2),
+            "top10pct_share": round(float(top), 3),
+            "entropy_norm": round(float(-(nz * np.log(nz)).sum() / np.log(len(sizes))), 3)}
 
 
 def main() -> None:

@@ -51,19 +51,25 @@ def curated(synth, tmp_path_factory):
         yield CurationRun(store, "t"), store
 
 
-def test_dedup_removes_planted_duplicates_and_eval_copies(curated, synth):
-    run, _ = curated
+def _dedup_outcome(run, synth):
+    """(fraction of planted pairs joined, pool keys removed by self-dedup that are not planted
+    duplicates or originals, dedup arrays, pool rows of the eval copies, number of pool keys)."""
     truth = json.loads((synth / "ground_truth.json").read_text())
     keys = load_set(run, "pool", (synth / "pool").as_uri())["keys"].tolist()
     pos = {k: i for i, k in enumerate(keys)}
     d = run.get_arrays("dedup/dedup.npz")
     comp = d["components"]
-    joined = [comp[pos[a]] == comp[pos[b]] for a, b in truth["pool_duplicates"].items()]
-    assert np.mean(joined) >= 0.8
+    joined = np.mean([comp[pos[a]] == comp[pos[b]] for a, b in truth["pool_duplicates"].items()])
     planted = set(truth["pool_duplicates"]) | set(truth["pool_duplicates"].values())
-    removed = {keys[i] for i in np.flatnonzero(~d["self_keep"])}
-    assert removed <= planted  # nothing else was merged at this threshold
-    copies = [pos[k] for k in truth["eval_copies"]]
+    wrongly_removed = {keys[i] for i in np.flatnonzero(~d["self_keep"])} - planted
+    return joined, wrongly_removed, d, [pos[k] for k in truth["eval_copies"]], len(keys)
+
+
+def test_dedup_removes_planted_duplicates_and_eval_copies(curated, synth):
+    run, _ = curated
+    joined, wrongly_removed, d, copies, _ = _dedup_outcome(run, synth)
+    assert joined >= 0.8
+    assert not wrongly_removed  # nothing else was merged at this threshold
     assert d["eval_drop"][copies].mean() >= 0.8
     assert not d["kept"][copies].any() or d["kept"][copies].mean() <= 0.2
 
@@ -136,15 +142,18 @@ def test_copy_head_dedup_at_the_paper_thresholds_with_a_vit_embedder(tmp_path, m
     assert emb["sets"]["pool"]["copy_dim"] == 256 and emb["copy_head"]["views"] == 13
     summary = run.summary("dedup")
     assert summary["descriptor"] == "copy" and summary["self"]["n_removed"] > 0
-    truth = json.loads((synth / "ground_truth.json").read_text())
-    keys = load_set(run, "pool", (synth / "pool").as_uri())["keys"].tolist()
-    pos = {k: i for i, k in enumerate(keys)}
-    d = run.get_arrays("dedup/dedup.npz")
-    comp = d["components"]
-    joined = [comp[pos[a]] == comp[pos[b]] for a, b in truth["pool_duplicates"].items()]
-    assert np.mean(joined) >= 0.9
-    planted = set(truth["pool_duplicates"]) | set(truth["pool_duplicates"].values())
-    wrongly_removed = {keys[i] for i in np.flatnonzero(~d["self_keep"])} - planted
-    assert len(wrongly_removed) <= 0.03 * len(keys)
-    copies = [pos[k] for k in truth["eval_copies"]]
+    joined, wrongly_removed, d, copies, n_pool = _dedup_outcome(run, synth)
+    assert joined >= 0.9
+    assert len(wrongly_removed) <= 0.03 * n_pool
     assert d["eval_drop"][copies].all()
+    # --force re-embeds from scratch (here without a copy head), so a dedup that expects copy
+    # descriptors stops with a one-line error instead of comparing the wrong vectors
+    argv = [x for kv in sets for x in ("--set", kv)]
+    no_head = ["--set", "curation.dedup.descriptor=embedding"]
+    assert curate_main(["curate", "embed", "--force", "--config", "curate_lvd", *argv, *no_head]) == 0
+    assert "copy" not in load_set(run, "pool", (synth / "pool").as_uri())
+    assert not storage.exists(run.uri("embeddings", "copy_head.npz"))
+    from app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no copy-head descriptors"):
+        curate_main(["curate", "dedup", "--force", "--config", "curate_lvd", *argv])
