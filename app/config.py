@@ -184,7 +184,7 @@ class DedupConfig:
     exact_below: int = 200_000  # use exact search below this many vectors
     phash_prefilter: bool = False
     representative: str = "lowest"  # lowest | central: which member a component keeps
-    hnsw_m: int = 32  # HNSW graph degree (index: hnsw / auto on CPU)
+    hnsw_m: int = 32  # HNSW graph degree (index: hnsw)
     ef_search: int = 128  # HNSW search breadth
 
 
