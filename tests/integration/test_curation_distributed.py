@@ -68,3 +68,47 @@ def test_two_rank_embed_dedup_and_cluster(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already done" in again.stderr
+
+
+@pytest.mark.slow
+def test_two_rank_embed_shares_one_copy_head(tmp_path):
+    """Rank 0 fits the copy head once; both ranks embed their shards with that same head, so
+    every stored copy descriptor is what the saved head gives for that image."""
+    from app.config import load_config
+    from app.curation.copy_head import CopyHead
+    from app.curation.embed import build_embedder
+    from app.data import Dataset, decode_image, iter_shard
+    from app.data.synth import synthesize
+
+    synth = tmp_path / "synth"
+    synthesize(synth.as_uri(), seed=3, n_pool=40, n_seeds=4, n_eval_train=4, n_eval_val=4,
+               image_size=32, n_corrupt=0, max_samples_per_shard=10)
+    store = (tmp_path / "store").as_uri()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "DINOCTL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    sets = [f"run.store={store}", "run.name=h", f"curation.pool={synth.as_uri()}/pool",
+            "curation.stages=[embed,dedup]", "curation.embed.model=vit", "curation.embed.arch=vit_tiny",
+            "curation.embed.weights=", "curation.embed.image_size=28",
+            "curation.dedup.copy_head.train_images=20", "curation.dedup.copy_head.views=3",
+            "curation.dedup.copy_head.steps=20", "curation.dedup.copy_head.batch_size=16"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", port, "-m", "app.entry", "curate", "run", "--config", "curate_lvd"]
+    cmd += [x for kv in sets for x in ("--set", kv)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = CurationRun(store, "h")
+    assert run.summary("embeddings")["world_size"] == 2
+    assert run.summary("dedup")["descriptor"] == "copy"
+    head = CopyHead.from_arrays(run.get_arrays("embeddings/copy_head.npz"))
+    embedder = build_embedder(load_config("curate_lvd", sets), head)
+    pool = load_set(run, "pool", f"{synth.as_uri()}/pool")
+    row = {k: i for i, k in enumerate(pool["keys"].tolist())}
+    shards = Dataset(f"{synth.as_uri()}/pool").shard_uris
+    for shard in (shards[0], shards[-1]):  # round-robin: the first and last shard, different ranks
+        samples = list(iter_shard(shard))[:3]
+        got = embedder([decode_image(s.image_bytes, s.key) for s in samples])["copy"]
+        stored = pool["copy"][[row[s.key] for s in samples]]
+        np.testing.assert_allclose(stored, got, atol=2e-3)  # stored as float16
