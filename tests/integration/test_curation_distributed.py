@@ -15,6 +15,21 @@ from app.curation.artifacts import CurationRun
 from app.curation.embed import load_set
 
 
+def _curate_on_two_ranks(tmp_path, sets):
+    """`torchrun --nproc_per_node 2 -m app.entry curate run --config curate_lvd --set ...`."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "DINOCTL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", port, "-m", "app.entry", "curate", "run", "--config", "curate_lvd"]
+    cmd += [x for kv in sets for x in ("--set", kv)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_rank_embed_dedup_and_cluster(tmp_path):
     from app.data.synth import synthesize
@@ -23,8 +38,6 @@ def test_two_rank_embed_dedup_and_cluster(tmp_path):
     synthesize(synth.as_uri(), seed=1, n_pool=60, n_seeds=8, n_eval_train=8, n_eval_val=4,
                image_size=32, n_corrupt=0, max_samples_per_shard=10)
     store = (tmp_path / "store").as_uri()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "DINOCTL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     sets = [f"run.store={store}", "run.name=d", f"curation.pool={synth.as_uri()}/pool",
             "curation.embed.model=thumbnail", "curation.stages=[embed,dedup,cluster]",
             f"curation.eval_sets=[{synth.as_uri()}/eval_val]",
@@ -34,14 +47,7 @@ def test_two_rank_embed_dedup_and_cluster(tmp_path):
             "curation.cluster.n_clusters=[6,2]", "curation.cluster.n_resampling_steps=[2,1]",
             "curation.cluster.sample_size=[3,1]", "curation.cluster.n_iters=5",
             "curation.cluster.target_size=30"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", port, "-m", "app.entry", "curate", "run", "--config", "curate_lvd"]
-    cmd += [x for kv in sets for x in ("--set", kv)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _curate_on_two_ranks(tmp_path, sets)
     run = CurationRun(store, "d")
     emb = run.summary("embeddings")
     assert emb["world_size"] == 2
@@ -65,9 +71,7 @@ def test_two_rank_embed_dedup_and_cluster(tmp_path):
     level0 = run.get_arrays("clusters/level0.npz")
     assert level0["assignment"].shape == (summary["n_kept"],) and level0["centroids"].shape[0] == 6
     # a rerun on two ranks skips every stage on both (no rank left waiting at a barrier)
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already done" in again.stderr
+    assert "already done" in _curate_on_two_ranks(tmp_path, sets).stderr
 
 
 @pytest.mark.slow
@@ -84,21 +88,12 @@ def test_two_rank_embed_shares_one_copy_head(tmp_path):
     synthesize(synth.as_uri(), seed=3, n_pool=40, n_seeds=4, n_eval_train=4, n_eval_val=4,
                image_size=32, n_corrupt=0, max_samples_per_shard=10)
     store = (tmp_path / "store").as_uri()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "DINOCTL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     sets = [f"run.store={store}", "run.name=h", f"curation.pool={synth.as_uri()}/pool",
             "curation.stages=[embed,dedup]", "curation.embed.model=vit", "curation.embed.arch=vit_tiny",
             "curation.embed.weights=", "curation.embed.image_size=28",
             "curation.dedup.copy_head.train_images=20", "curation.dedup.copy_head.views=3",
             "curation.dedup.copy_head.steps=20", "curation.dedup.copy_head.batch_size=16"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", port, "-m", "app.entry", "curate", "run", "--config", "curate_lvd"]
-    cmd += [x for kv in sets for x in ("--set", kv)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _curate_on_two_ranks(tmp_path, sets)
     run = CurationRun(store, "h")
     assert run.summary("embeddings")["world_size"] == 2
     assert run.summary("dedup")["descriptor"] == "copy"
