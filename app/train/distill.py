@@ -184,22 +184,9 @@ def _teacher_network(backbone_sd: Mapping[str, torch.Tensor], heads: Mapping[str
 
 
 def run(cfg: Config) -> int:
-    from app.train.engine import init_distributed, shutdown
-    from app.train.run import setup_logging
-    from app.train.step import NonFiniteLoss
+    from app.train.run import run_guarded
 
-    dist_info = init_distributed()
-    setup_logging(dist_info.rank)
-    try:
-        return _distill(cfg, dist_info)
-    except DistillSetupError as exc:
-        log.error("distill: %s", exc)
-        return 2
-    except NonFiniteLoss as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        shutdown()
+    return run_guarded(_distill, cfg, (DistillSetupError,), what="distill")
 
 
 def _distill(cfg: Config, d) -> int:

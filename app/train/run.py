@@ -40,13 +40,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config) -> int:
+    return run_guarded(_train, cfg)
+
+
+def run_guarded(body, cfg: Config, setup_errors: tuple[type[Exception], ...] = (),
+                what: str = "train") -> int:
+    """Join the process group, set up logging and run body(cfg, dist_info) -> exit code: a
+    non-finite loss is exit 1, one of setup_errors exit 2 (one line each); always shut down."""
     from app.train.engine import init_distributed, shutdown
     from app.train.step import NonFiniteLoss
 
     dist_info = init_distributed()
     setup_logging(dist_info.rank)
     try:
-        return _train(cfg, dist_info)
+        return body(cfg, dist_info)
+    except setup_errors as exc:
+        log.error("%s: %s", what, exc)
+        return 2
     except NonFiniteLoss as exc:
         log.error("%s", exc)
         return 1
