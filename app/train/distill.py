@@ -18,7 +18,6 @@ summary.json, then `_SUCCESS`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import io
@@ -45,17 +44,10 @@ class DistillSetupError(ValueError):
     """A one-line problem with the teacher, the student or the run name."""
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="app.entry distill")
-    p.add_argument("stage", nargs="?", default="distill")
-    p.add_argument("--config", required=True, help="preset name or YAML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
-    p.add_argument("--resume", default=None, help="auto | never | checkpoint URI (train.resume)")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from app.train.run import parse_args
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv), stage="distill")
     try:
         cfg = load_config(args.config, args.set)
         if args.resume:

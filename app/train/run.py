@@ -22,9 +22,10 @@ from app.config import Config, config_hash, dump_yaml, load_config
 log = logging.getLogger("app.train")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="app.entry pretrain")
-    p.add_argument("stage", nargs="?", default="pretrain")
+def parse_args(argv: list[str], stage: str = "pretrain") -> argparse.Namespace:
+    """`app.entry <stage> --config ... [--set k=v] [--resume ...]` (pretrain and distill)."""
+    p = argparse.ArgumentParser(prog=f"app.entry {stage}")
+    p.add_argument("stage", nargs="?", default=stage)
     p.add_argument("--config", required=True, help="preset name or YAML path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     p.add_argument("--resume", default=None, help="auto | never | checkpoint URI (train.resume)")
