@@ -116,17 +116,25 @@ def _sample_images(dataset_uri: str, n: int, seed: int) -> list:
     return [images[j] for j in keep]
 
 
+def fit_copy_head(cfg: Any, pool_uri: str) -> Any:
+    """A copy head (`curation.dedup.copy_head` settings) fitted with the configured backbone on
+    a seeded sample of the pool's images."""
+    from app.curation.copy_head import fit_on_images
+
+    h = cfg.curation.dedup.copy_head
+    images = _sample_images(pool_uri, h.train_images, cfg.run.seed)
+    if len(images) < 2:
+        raise ValueError(f"copy head: the pool {pool_uri} has fewer than 2 readable images")
+    return fit_on_images(images, _vit_forward(cfg), h, cfg.run.seed)
+
+
 def ensure_copy_head(run: CurationRun, cfg: Any, comm: Any) -> Any:
     """The run's copy head: fitted once on rank 0 on a sample of the pool and kept in the run
     tree (a resumed or distributed embed uses the same one). Collective."""
-    from app.curation.copy_head import CopyHead, fit_on_images
+    from app.curation.copy_head import CopyHead
 
-    h = cfg.curation.dedup.copy_head
     if comm.rank == 0 and not storage.exists(run.uri(COPY_HEAD)):
-        images = _sample_images(cfg.curation.pool, h.train_images, cfg.run.seed)
-        if len(images) < 2:
-            raise ValueError(f"copy head: the pool {cfg.curation.pool} has fewer than 2 readable images")
-        head = fit_on_images(images, _vit_forward(cfg), h, cfg.run.seed)
+        head = fit_copy_head(cfg, cfg.curation.pool)
         storage.put_json(run.uri("embeddings", "copy_head.json"), head.stats)
         run.put_arrays(COPY_HEAD, **head.arrays())
     comm.barrier()

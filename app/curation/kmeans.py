@@ -126,7 +126,7 @@ def kmeans(x: np.ndarray, k: int, n_iters: int = 50, init: str = "kmeans++", see
 
 
 def _lloyd(x: np.ndarray, k: int, n_iters: int, init: str, seed: int, chunk_size: int) -> KMeansResult:
-    n, d = x.shape
+    n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy(x)
     chunk = chunk_size or _chunk(k)
@@ -136,19 +136,34 @@ def _lloyd(x: np.ndarray, k: int, n_iters: int, init: str, seed: int, chunk_size
     else:
         c = kmeans_plusplus(xt, k, gen)
     log.debug("%s init of %d centres on %d points: %.1fs", init, k, n, time.time() - t0)
+    return _lloyd_iterations(xt, c, n_iters, chunk)
+
+
+def _lloyd_iterations(xt: torch.Tensor, c: torch.Tensor, n_iters: int, chunk: int,
+                      comm=None) -> KMeansResult:
+    """n_iters Lloyd steps from centroids c over the rows xt; with a `Comm` the per-cluster
+    float64 sums and counts (and the objective) are all-reduced, so every rank holds the same
+    centroids while labelling only its own rows. Empty clusters keep their centroid."""
+    k, d = c.shape
     objective = []
     labels, dists = _assign_t(xt, c, chunk)
-    for it in range(n_iters):
+    for _ in range(n_iters):
         sums = torch.zeros(k, d, dtype=torch.float64)
-        for s in range(0, n, chunk):
+        for s in range(0, xt.shape[0], chunk):
             sums.index_add_(0, labels[s:s + chunk], xt[s:s + chunk].double())
-        counts = torch.bincount(labels, minlength=k)
+        counts = torch.bincount(labels, minlength=k).double()
+        if comm is not None:
+            comm.allreduce_sum(sums)
+            comm.allreduce_sum(counts)
         nonempty = counts > 0
         new_c = c.cpu().double().clone()
         new_c[nonempty] = sums[nonempty] / counts[nonempty, None]
         c = new_c.float().to(c.device)
         labels, dists = _assign_t(xt, c, chunk)
-        objective.append(float(dists.double().sum()))
+        total = dists.double().sum().reshape(1)
+        if comm is not None:
+            comm.allreduce_sum(total)
+        objective.append(float(total[0]))
     return KMeansResult(c.cpu().numpy(), labels.numpy(), dists.numpy(), objective)
 
 
@@ -281,25 +296,9 @@ def kmeans_distributed(x_local: np.ndarray, k: int, comm, n_iters: int = 50,
     c0 = kmeans(sample, k, n_iters=0 if init != "faiss" else n_iters, init=init, seed=seed).centroids \
         if comm.rank == 0 else None
     c = torch.from_numpy(np.asarray(comm.broadcast(c0), dtype=np.float32)).to(_device())
-    xt = torch.from_numpy(x)
     chunk = chunk_size or _chunk(k)
-    objective = []
     with _threads_for(float(x.shape[0]) * k * d):
-        labels, dists = _assign_t(xt, c, chunk)
-        for _ in range(n_iters):
-            sums = torch.zeros(k, d, dtype=torch.float64)
-            for s in range(0, x.shape[0], chunk):
-                sums.index_add_(0, labels[s:s + chunk], xt[s:s + chunk].double())
-            counts = torch.bincount(labels, minlength=k).double()
-            comm.allreduce_sum(sums)
-            comm.allreduce_sum(counts)
-            nonempty = counts > 0
-            new_c = c.cpu().double().clone()
-            new_c[nonempty] = sums[nonempty] / counts[nonempty, None]
-            c = new_c.float().to(c.device)
-            labels, dists = _assign_t(xt, c, chunk)
-            objective.append(float(comm.allreduce_sum(dists.double().sum().reshape(1))[0]))
-    return KMeansResult(c.cpu().numpy(), labels.numpy(), dists.numpy(), objective)
+        return _lloyd_iterations(torch.from_numpy(x), c, n_iters, chunk, comm)
 
 
 def resampled_kmeans_distributed(x_local: np.ndarray, k: int, comm, n_resampling_steps: int,

@@ -36,14 +36,15 @@ def _index_kwargs(cfg: Any) -> dict[str, Any]:
             "hnsw_m": d.hnsw_m, "ef_search": d.ef_search}
 
 
-def _shared_centroids(run: CurationRun, emb: np.ndarray, cfg: Any, comm: Comm) -> np.ndarray | None:
+def _shared_centroids(run: CurationRun, emb: np.ndarray, pool_print: str, cfg: Any,
+                      comm: Comm) -> np.ndarray | None:
     """With several ranks and the `cells` index: the partition rank 0 trained (kept in the run
     tree, so a resumed attempt searches the same cells), identical on every rank. Collective."""
     kw = _index_kwargs(cfg)
     if not comm.distributed or knn.resolve_kind(kw["index"], len(emb), kw["exact_below"]) != "cells":
         return None
     uri = "dedup/parts/cells.npz"
-    sig = _signature(pool=_fingerprint(emb), nlist=kw["nlist"], seed=cfg.run.seed)
+    sig = _signature(pool=pool_print, nlist=kw["nlist"], seed=cfg.run.seed)
     if comm.rank == 0 and not _part_matches(run, uri, sig):
         run.put_arrays(uri, centroids=train_cells(emb, kw["nlist"], seed=cfg.run.seed),
                        signature=np.array(sig))
@@ -78,9 +79,10 @@ def _dedup_part(run: CurationRun, cfg: Any, comm: Comm, emb: np.ndarray,
     images its eval rows match. Written once; a rerun after a kill reuses finished parts."""
     d = cfg.curation.dedup
     part = f"dedup/parts/rank{comm.rank:05d}-of-{comm.world:05d}.npz"
-    centroids = _shared_centroids(run, emb, cfg, comm)
+    pool_print = _fingerprint(emb)
+    centroids = _shared_centroids(run, emb, pool_print, cfg, comm)
     kw = _index_kwargs(cfg)
-    sig = _signature(pool=_fingerprint(emb), evals=_fingerprint(evals), k=d.k, threshold=d.threshold,
+    sig = _signature(pool=pool_print, evals=_fingerprint(evals), k=d.k, threshold=d.threshold,
                      eval_threshold=d.eval_threshold, seed=cfg.run.seed, **kw)
     if _part_matches(run, part, sig):
         log.info("dedup rank %d: part from an earlier attempt found, reusing it", comm.rank)

@@ -31,14 +31,13 @@ teacher head rebuilt from its weights alone).
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from app.ssl.centering import sinkhorn_knopp, softmax_center_teacher, update_center
-from app.ssl.meta_arch import CENTER_MOMENTUM, LossWeights, SSLNetwork
+from app.ssl.meta_arch import CENTER_MOMENTUM, LossWeights, SSLNetwork, frozen_copy, register_centers
 from app.ssl.meta_arch import ema_update, ssl_losses  # one EMA, one loss composition
 
 if TYPE_CHECKING:
@@ -78,13 +77,8 @@ class DistillMetaArch(nn.Module):
         teacher.requires_grad_(False)
         teacher.eval()  # no drop-path, ever
         self.__dict__["teacher"] = teacher  # plain attribute: not saved, not moved by .to()
-        self.student_ema = copy.deepcopy(student).float()
-        self.student_ema.requires_grad_(False)
-        self.student_ema.eval()
-        k_dino = teacher.dino_head.out_dim
-        k_ibot = (teacher.ibot_head or teacher.dino_head).out_dim
-        self.register_buffer("dino_center", torch.zeros(1, k_dino))
-        self.register_buffer("ibot_center", torch.zeros(1, k_ibot))
+        self.student_ema = frozen_copy(student)
+        register_centers(self, teacher)
 
     def train(self, mode: bool = True) -> "DistillMetaArch":
         super().train(mode)

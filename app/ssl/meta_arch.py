@@ -122,6 +122,20 @@ class LossWeights:
                    cfg.train.centering)
 
 
+def frozen_copy(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A deep copy in `dtype` that takes no gradients and stays in eval mode."""
+    out = copy.deepcopy(net).to(dtype)
+    out.requires_grad_(False)
+    out.eval()
+    return out
+
+
+def register_centers(module: nn.Module, heads: SSLNetwork) -> None:
+    """The teacher's softmax-centering buffers, sized by the DINO and iBOT head outputs."""
+    module.register_buffer("dino_center", torch.zeros(1, heads.dino_head.out_dim))
+    module.register_buffer("ibot_center", torch.zeros(1, (heads.ibot_head or heads.dino_head).out_dim))
+
+
 class SSLMetaArch(nn.Module):
     """Holds the EMA teacher and the centering state; the student is passed in (DeepSpeed owns it).
 
@@ -132,13 +146,8 @@ class SSLMetaArch(nn.Module):
     def __init__(self, student: SSLNetwork, weights: LossWeights, teacher_dtype=torch.float32):
         super().__init__()
         self.weights = weights
-        self.teacher = copy.deepcopy(student).to(teacher_dtype)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()  # no drop-path in the teacher, ever
-        k_dino = student.dino_head.out_dim
-        k_ibot = (student.ibot_head or student.dino_head).out_dim
-        self.register_buffer("dino_center", torch.zeros(1, k_dino))
-        self.register_buffer("ibot_center", torch.zeros(1, k_ibot))
+        self.teacher = frozen_copy(student, teacher_dtype)  # no drop-path in the teacher, ever
+        register_centers(self, student)
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)

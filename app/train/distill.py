@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -190,7 +188,8 @@ def _distill(cfg: Config, d) -> int:
     from app.ssl.schedules import Schedules
     from app.train import checkpoint as ckpt
     from app.train.engine import build_engine, resolve_precision
-    from app.train.loop import PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, jsonl_sample_log, train_loop
+    from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, run_summary,
+                                sample_log_from_env, train_loop)
     from app.train.run import stage_tracking
     from app.train.step import TrainParts
 
@@ -229,15 +228,9 @@ def _distill(cfg: Config, d) -> int:
     loader = MultiCropLoader(cfg, d.rank, d.world_size, cursor, start_step=start_step)
 
     parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype)
-    lc = LoopConfig(
-        store=cfg.run.store, run_name=cfg.run.name, total_steps=schedules.total_iters,
-        checkpoint_every=max(cfg.train.checkpoint_every, 1), keep_checkpoints=cfg.train.keep_checkpoints,
-        log_every=cfg.train.log_every, world_size=d.world_size, zero_stage=zero_stage,
-        rank=d.rank, device=d.device, global_batch=cfg.train.batch_size_per_gpu * d.world_size,
-        extra_state={"config_hash": config_hash(cfg), "distill_teacher": teacher.source},
-    )
-    sample_log_path = os.environ.get("DINOCTL_SAMPLE_LOG")
-    sample_log = jsonl_sample_log(f"{sample_log_path}.rank{d.rank}.jsonl", d.rank) if sample_log_path else None
+    lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
+                                {"config_hash": config_hash(cfg), "distill_teacher": teacher.source})
+    sample_log = sample_log_from_env(d.rank)
     t_info, s_info = describe(teacher.network), describe(student)
     log.info("distill %s: teacher %s (%s, %.1fM backbone params) -> student %s d%d x%d (%.1fM), "
              "ZeRO-%d, %s, world %d, steps %d..%d", cfg.run.name, teacher.model.arch, teacher.source,
@@ -250,11 +243,7 @@ def _distill(cfg: Config, d) -> int:
             return PREEMPTED_EXIT_CODE
         if d.rank == 0:
             summary = {
-                "run": cfg.run.name, "steps": result.steps,
-                "final_losses": {k: v for k, v in result.last.items() if k.endswith("loss")},
-                "images_per_s": result.images_per_s, "world_size": d.world_size,
-                "zero_stage": zero_stage, "precision": precision,
-                "wall_s": round(time.monotonic() - started, 1), "config_hash": config_hash(cfg),
+                **run_summary(cfg, result, d.world_size, zero_stage, precision, started),
                 "teacher": {"source": teacher.source, "arch": teacher.model.arch, **t_info},
                 "student": {"arch": cfg.student.arch, **s_info},
                 "student_ema_momentum": cfg.distill.student_ema_momentum,
@@ -282,22 +271,10 @@ def exported_config(cfg: Config) -> Config:
 def export_student(meta, cfg: Config, summary: dict[str, Any]) -> str:
     """Rank 0: the student EMA's backbone (official keys) and heads, config, summary, `_SUCCESS`
     last (the pipeline's done-marker)."""
-    from app.models.convert import export_backbone
+    from app.train.loop import export_network
 
-    out = storage.join(storage.to_uri(cfg.run.store), "runs", cfg.run.name, "export")
-    ema = meta.student_ema
-    export_backbone(ema.backbone, storage.join(out, "backbone.pth"))
-    heads = {"dino_head": {k: v.detach().cpu() for k, v in ema.dino_head.state_dict().items()}}
-    if ema.ibot_head is not None:
-        heads["ibot_head"] = {k: v.detach().cpu() for k, v in ema.ibot_head.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(heads, buf)
-    storage.put_bytes(storage.join(out, "heads.pth"), buf.getvalue())
-    storage.put_bytes(storage.join(out, "config.yaml"), dump_yaml(exported_config(cfg)).encode())
-    storage.put_json(storage.join(out, "summary.json"), summary)
-    storage.put_bytes(storage.join(out, "_SUCCESS"), b"")
-    log.info("exported the student EMA to %s", out)
-    return out
+    return export_network(meta.student_ema, cfg.run.store, cfg.run.name,
+                          dump_yaml(exported_config(cfg)), summary)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,18 @@ class LoopConfig:
     global_batch: int
     extra_state: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, cfg: Any, d: Any, zero_stage: int, total_steps: int,
+                    extra_state: dict[str, Any]) -> "LoopConfig":
+        """The loop settings of a run: cfg's run/train sections, d the distributed info."""
+        return cls(
+            store=cfg.run.store, run_name=cfg.run.name, total_steps=total_steps,
+            checkpoint_every=max(cfg.train.checkpoint_every, 1),
+            keep_checkpoints=cfg.train.keep_checkpoints, log_every=cfg.train.log_every,
+            world_size=d.world_size, zero_stage=zero_stage, rank=d.rank, device=d.device,
+            global_batch=cfg.train.batch_size_per_gpu * d.world_size, extra_state=extra_state,
+        )
+
 
 @dataclass
 class LoopResult:
@@ -132,14 +144,20 @@ def save(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, step: int) 
 def export_run(parts: TrainParts, store: str, run_name: str, config_yaml: str,
                summary: dict[str, Any]) -> str:
     """Rank 0: teacher backbone (official keys), heads, config, summary, then `_SUCCESS` last."""
+    return export_network(parts.meta.teacher, store, run_name, config_yaml, summary)
+
+
+def export_network(net: Any, store: str, run_name: str, config_yaml: str,
+                   summary: dict[str, Any]) -> str:
+    """Rank 0: `net`'s backbone (official keys) and DINO/iBOT heads, config, summary, then
+    `_SUCCESS` last (the pipeline's done-marker), under runs/<run_name>/export."""
     from app.models.convert import export_backbone
 
     out = storage.join(storage.to_uri(store), "runs", run_name, "export")
-    teacher = parts.meta.teacher
-    export_backbone(teacher.backbone, storage.join(out, "backbone.pth"))
-    heads = {"dino_head": {k: v.detach().cpu() for k, v in teacher.dino_head.state_dict().items()}}
-    if teacher.ibot_head is not None:
-        heads["ibot_head"] = {k: v.detach().cpu() for k, v in teacher.ibot_head.state_dict().items()}
+    export_backbone(net.backbone, storage.join(out, "backbone.pth"))
+    heads = {"dino_head": {k: v.detach().cpu() for k, v in net.dino_head.state_dict().items()}}
+    if net.ibot_head is not None:
+        heads["ibot_head"] = {k: v.detach().cpu() for k, v in net.ibot_head.state_dict().items()}
     buf = io.BytesIO()
     torch.save(heads, buf)
     storage.put_bytes(storage.join(out, "heads.pth"), buf.getvalue())
@@ -148,6 +166,26 @@ def export_run(parts: TrainParts, store: str, run_name: str, config_yaml: str,
     storage.put_bytes(storage.join(out, "_SUCCESS"), b"")
     log.info("exported %s", out)
     return out
+
+
+def run_summary(cfg: Any, result: LoopResult, world_size: int, zero_stage: int, precision: str,
+                started: float) -> dict[str, Any]:
+    """What a finished training run reports (summary.json, MLflow)."""
+    from app.config import config_hash
+
+    return {
+        "run": cfg.run.name, "steps": result.steps,
+        "final_losses": {k: v for k, v in result.last.items() if k.endswith("loss")},
+        "images_per_s": result.images_per_s, "world_size": world_size,
+        "zero_stage": zero_stage, "precision": precision,
+        "wall_s": round(time.monotonic() - started, 1), "config_hash": config_hash(cfg),
+    }
+
+
+def sample_log_from_env(rank: int) -> Callable[[int, list[str], dict[str, float]], None] | None:
+    """`jsonl_sample_log` to $DINOCTL_SAMPLE_LOG.rank<r>.jsonl when that variable is set."""
+    path = os.environ.get("DINOCTL_SAMPLE_LOG")
+    return jsonl_sample_log(f"{path}.rank{rank}.jsonl", rank) if path else None
 
 
 def jsonl_sample_log(path: str, rank: int) -> Callable[[int, list[str], dict[str, float]], None]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import time
-from typing import Any
 
 import torch
 
@@ -74,7 +72,7 @@ def _train(cfg: Config, d) -> int:
     from app.train import checkpoint as ckpt
     from app.train.engine import build_engine, resolve_precision
     from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, export_run,
-                                jsonl_sample_log, train_loop)
+                                run_summary, sample_log_from_env, train_loop)
     from app.train.step import TrainParts
 
     started = time.monotonic()
@@ -103,15 +101,9 @@ def _train(cfg: Config, d) -> int:
 
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype)
-    lc = LoopConfig(
-        store=cfg.run.store, run_name=cfg.run.name, total_steps=schedules.total_iters,
-        checkpoint_every=max(cfg.train.checkpoint_every, 1), keep_checkpoints=cfg.train.keep_checkpoints,
-        log_every=cfg.train.log_every, world_size=d.world_size, zero_stage=zero_stage,
-        rank=d.rank, device=d.device, global_batch=cfg.train.batch_size_per_gpu * d.world_size,
-        extra_state={"config_hash": config_hash(cfg)},
-    )
-    sample_log_path = os.environ.get("DINOCTL_SAMPLE_LOG")
-    sample_log = jsonl_sample_log(f"{sample_log_path}.rank{d.rank}.jsonl", d.rank) if sample_log_path else None
+    lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
+                                {"config_hash": config_hash(cfg)})
+    sample_log = sample_log_from_env(d.rank)
     log.info("pretrain %s: %s, ZeRO-%d, %s, world %d, steps %d..%d", cfg.run.name, cfg.model.arch,
              zero_stage, precision, d.world_size, start_step, schedules.total_iters)
     with stage_tracking(cfg) as tracker:  # rank 0 only; logs the resolved config as params
@@ -119,20 +111,10 @@ def _train(cfg: Config, d) -> int:
         if result.preempted:
             return PREEMPTED_EXIT_CODE
         if d.rank == 0:
-            summary = _summary(cfg, result, d, precision, started)
+            summary = run_summary(cfg, result, d.world_size, cfg.train.zero_stage, precision, started)
             export_run(parts, cfg.run.store, cfg.run.name, dump_yaml(cfg), summary)
             tracker.log_summary(summary)
     return 0
-
-
-def _summary(cfg: Config, result, d, precision: str, started: float) -> dict[str, Any]:
-    return {
-        "run": cfg.run.name, "steps": result.steps,
-        "final_losses": {k: v for k, v in result.last.items() if k.endswith("loss")},
-        "images_per_s": result.images_per_s, "world_size": d.world_size,
-        "zero_stage": cfg.train.zero_stage, "precision": precision,
-        "wall_s": round(time.monotonic() - started, 1), "config_hash": config_hash(cfg),
-    }
 
 
 @contextlib.contextmanager

@@ -93,16 +93,13 @@ def embed_sets(cfg, sets: dict[str, str]) -> tuple[dict, float, dict]:
     """{set name: (keys [N], dedup vectors [N, D])} as the curation embed stage makes them: the
     copy-head descriptors when the config uses a copy head (fitted here on the pool, as the
     stage does), else the embeddings. Also images/s and the copy head's training stats."""
-    from app.curation.copy_head import fit_on_images
-    from app.curation.embed import _sample_images, _vit_forward, build_embedder, embed_shard, uses_copy_head
+    from app.curation.embed import build_embedder, embed_shard, fit_copy_head, uses_copy_head
     from app.data import Dataset
 
     t0 = time.monotonic()
     head, head_stats = None, {}
     if uses_copy_head(cfg):
-        h = cfg.curation.dedup.copy_head
-        head = fit_on_images(_sample_images(sets["pool"], h.train_images, cfg.run.seed),
-                             _vit_forward(cfg), h, cfg.run.seed)
+        head = fit_copy_head(cfg, sets["pool"])
         head_stats = head.stats
     embedder = build_embedder(cfg, head)
     field = "copy" if head is not None else "embeddings"
