@@ -12,6 +12,8 @@ import importlib.util
 import logging
 import sys
 
+from app.errors import UserError
+
 # Modules that define `register(subparsers)`. Listed explicitly so `dinoctl --help` is stable.
 COMMAND_MODULES = (
     "app.config_commands",
@@ -25,10 +27,6 @@ COMMAND_MODULES = (
     "app.launch.commands",
     "app.pipeline.commands",
 )
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     resume: str = "auto"  # auto | never | <checkpoint URI>
+    loader_timeout_s: int = 600  # a DataLoader worker silent this long is an error, not a hang
+    collective_timeout_s: int = 1800  # a rank blocked this long in a collective (a peer died) fails
+    # After SIGTERM: finish the step, checkpoint, exit 143 within this many seconds (0: the pod's
+    # $DINOCTL_SIGTERM_GRACE_S, else 25 s, inside Kubernetes' default 30 s grace period).
+    sigterm_grace_s: int = 0
 
 
 @dataclass

@@ -18,6 +18,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     | grep -v "is ignored: it is neither a file nor a directory" || true
   .venv/bin/python -c "import torch, deepspeed, faiss, mlflow, minio" >/dev/null 2>&1 \
     || { echo "install failed: see pip output above" >&2; exit 1; }
+  # `torchrun` in the venv is dinoctl's wrapper, as in the images: SIGTERM ends it with 143.
+  .venv/bin/python -m app.launch.torchrun --install .venv/bin >/dev/null
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -202,41 +202,68 @@ def seaweedfs(tmpdir, access_key: str = "dinoctl-test", secret_key: str | None =
 
 @dataclass
 class MlflowServer:
-    uri: str
-    artifacts_uri: str  # where the server puts artifacts: s3://<bucket>/mlflow
-    proc: subprocess.Popen
+    """An MLflow server (sqlite backend, artifacts proxied to S3) that can be stopped and started
+    again on the same port and database, like a restarted pod."""
+
+    root: Path
+    s3: SeaweedFS
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def artifacts_uri(self) -> str:  # where the server puts artifacts: s3://<bucket>/mlflow
+        return f"s3://{self.s3.bucket}/mlflow"
+
+    def start(self, timeout: float = 240.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            (self.port,) = free_ports(1)
+        cmd = [
+            str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", self.artifacts_uri, "--serve-artifacts", "--workers", "1",
+        ]
+        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
+               "AWS_ACCESS_KEY_ID": self.s3.access_key, "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+               "AWS_DEFAULT_REGION": "us-east-1", "TMPDIR": str(self.root)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log = self.root / "mlflow-server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         cwd=self.root, start_new_session=True)
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    return resp.status == 200
+            except (urllib.error.URLError, OSError):
+                return False
+
+        try:
+            _wait_until(ready, timeout, self.proc, "mlflow server", log)
+        except BaseException:
+            self.stop(kill=True)
+            raise
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        _stop_group(self.proc, 10.0)
+        self.proc = None
 
 
 @contextlib.contextmanager
 def mlflow_server(tmpdir, s3: SeaweedFS, timeout: float = 240.0) -> Iterator[MlflowServer]:
-    root = Path(tmpdir)
-    root.mkdir(parents=True, exist_ok=True)
-    (port,) = free_ports(1)
-    artifacts = f"s3://{s3.bucket}/mlflow"
-    cmd = [
-        str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", artifacts, "--serve-artifacts", "--workers", "1",
-    ]
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
-           "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-           "AWS_DEFAULT_REGION": "us-east-1", "TMPDIR": str(root)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = root / "mlflow-server.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                start_new_session=True)
-    uri = f"http://{LOOPBACK}:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
+    server = MlflowServer(Path(tmpdir), s3)
+    server.start(timeout)
     try:
-        _wait_until(ready, timeout, proc, "mlflow server", log)
-        yield MlflowServer(uri, artifacts, proc)
+        yield server
     finally:
-        _stop_group(proc, 10.0)
+        server.stop()

@@ -51,9 +51,9 @@ def _run(args) -> int:
 
 
 def _report(args) -> int:
-    from app.cli import UserError
     from app.curation.artifacts import CurationRun
     from app.curation.report import format_table
+    from app.errors import UserError
 
     cfg = _load(args)
     run = CurationRun(cfg.run.store, cfg.run.name)

@@ -89,8 +89,7 @@ def run_stage(stage: str, cfg: Any, tracker: Any, force: bool = False) -> dict[s
         from app import storage  # parts and the copy head, dedup's per-rank parts
 
         leftovers = run.uri(STAGE_DIR[stage]) if stage == "embed" else run.uri(STAGE_DIR[stage], "parts")
-        for obj in storage.list_objects(leftovers + "/"):
-            storage.delete(obj.uri)
+        storage.delete_prefix(leftovers)
     comm.barrier()
     if stage == "embed":
         summary = stage_embed(run, cfg, comm)

@@ -7,11 +7,12 @@
 """
 
 from app.data.decode import CorruptImage, decode_image, probe_image, to_stored_jpeg
-from app.data.index import Dataset, read_index, read_stats, shards_for_rank, write_index
+from app.data.index import CorruptSample, Dataset, read_index, read_stats, shards_for_rank, write_index
 from app.data.shards import Sample, ShardWriter, iter_samples, iter_shard, iter_tar_samples
 
 __all__ = [
-    "CorruptImage", "decode_image", "probe_image", "to_stored_jpeg", "Dataset", "read_index",
+    "CorruptImage", "CorruptSample", "decode_image", "probe_image", "to_stored_jpeg", "Dataset",
+    "read_index",
     "read_stats", "shards_for_rank", "write_index", "Sample", "ShardWriter", "iter_samples", "iter_shard",
     "iter_tar_samples",
 ]

@@ -43,7 +43,7 @@ def _synth(args) -> int:
 
 
 def _import(args) -> int:
-    from app.cli import UserError
+    from app.errors import UserError
     from app.data.importer import import_images
 
     name = args.name or os.path.basename(os.path.normpath(args.src.split("*", 1)[0])) or "imported"

@@ -16,6 +16,7 @@ Index columns, one row per sample in shard order:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections import OrderedDict
@@ -39,6 +40,11 @@ INDEX_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
+
+
+class CorruptSample(storage.StorageError):
+    """A sample's stored bytes are not what the index recorded (sha256 mismatch, or the shard is
+    shorter than the index says). The message names the sample and the shard."""
 
 
 def write_index(uri: str, rows: list[dict[str, Any]]) -> None:
@@ -104,7 +110,8 @@ class _RangeReader:
         data = f.read(size)
         if len(data) != size:
             self._open.pop(uri).close()
-            raise storage.StorageError(f"{uri}: short read at offset {offset} ({len(data)}/{size})")
+            raise storage.RangeNotSatisfiable(
+                f"{uri}: short read at offset {offset} ({len(data)}/{size} bytes)")
         return data
 
     def close(self) -> None:
@@ -122,7 +129,8 @@ def _read_range_streaming(uri: str, offset: int, size: int) -> bytes:
             remaining -= len(chunk)
         data = f.read(size)
     if len(data) != size:
-        raise storage.StorageError(f"{uri}: short read at offset {offset} ({len(data)}/{size})")
+        raise storage.RangeNotSatisfiable(
+            f"{uri}: short read at offset {offset} ({len(data)}/{size} bytes)")
     return data
 
 
@@ -203,13 +211,25 @@ class Dataset:
         """Stream this rank's samples (all of them with the defaults)."""
         return iter_samples(self.uri, self.shards_for_rank(rank, world_size))
 
-    def get(self, i: int) -> Sample:
-        """Random access to sample `i` through its byte offset in the shard."""
+    def get(self, i: int, verify: bool = True) -> Sample:
+        """Random access to sample `i` through its byte offset in the shard.
+
+        With `verify` the bytes are checked against the index's sha256: a shard altered or
+        truncated after indexing raises `CorruptSample` naming the sample, so a reader can skip
+        and count it instead of training on garbage.
+        """
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         row = self.rows[i]
         shard_uri = storage.join(self.uri, row["shard"])
-        data = self._reader.read(shard_uri, row["offset"], row["size"])
+        try:
+            data = self._reader.read(shard_uri, row["offset"], row["size"])
+        except storage.RangeNotSatisfiable as exc:
+            raise CorruptSample(f"sample {row['key']}: {exc}") from None
+        if verify and row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise CorruptSample(f"sample {row['key']}: {shard_uri} bytes {row['offset']}+"
+                                f"{row['size']} do not match the index's sha256 (the shard was "
+                                "changed after indexing)")
         meta = {k: row[k] for k in ("label", "label_name", "source", "width", "height")}
         meta["key"] = row["key"]
         return Sample(row["key"], data, meta)

@@ -7,10 +7,17 @@ Workers decode and augment (each sample seeded from (seed, epoch, index), never 
 state); the main process stacks the crops and draws the iBOT masks from a generator seeded by
 (seed, step, rank). A batch is therefore a pure function of (config, cursor, step), whatever the
 number of workers or the point a run was resumed from.
+
+Bad samples (undecodable bytes, bytes that do not match the index's sha256, a shard shorter than
+its index) are skipped and counted: the slot is filled by a substitute drawn from
+(seed, epoch, index, attempt), so batches keep their size and stay deterministic. The loader
+reports them (`skipped_samples`, one warning per sample) and `close()` stops the worker pool on
+every exit path; a worker that dies or hangs is an error within `train.loader_timeout_s`.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 from typing import Any, Callable
@@ -19,6 +26,18 @@ import numpy as np
 import torch
 
 from app.data.sampler import DataCursor, ResumableSampler, advance, sample_seed, _mix
+
+log = logging.getLogger(__name__)
+MAX_SUBSTITUTES = 32  # consecutive bad samples for one slot before the data set is declared broken
+
+
+class TooManyCorruptSamples(RuntimeError):
+    """Every substitute tried for one batch slot was bad: the data set itself is broken."""
+
+
+def substitute_index(seed: int, epoch: int, index: int, attempt: int, n: int) -> int:
+    """The sample that stands in for bad sample `index` on try `attempt` (>= 1)."""
+    return int(_mix(seed, epoch, index, attempt, 0x5B57) % n)
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -35,15 +54,29 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        from app.data.decode import decode_image
+        from app.data.decode import CorruptImage, decode_image
+        from app.data.index import CorruptSample
 
         epoch, index = item
-        sample = self.data.get(index)
-        image = decode_image(sample.image_bytes, sample.key)
+        skipped: list[str] = []
+        i = index
+        for attempt in range(MAX_SUBSTITUTES + 1):
+            if attempt:
+                i = substitute_index(self.seed, epoch, index, attempt, len(self.data))
+            try:
+                sample = self.data.get(i)
+                image = decode_image(sample.image_bytes, sample.key)
+                break
+            except (CorruptImage, CorruptSample) as exc:
+                skipped.append(str(exc))
+        else:
+            raise TooManyCorruptSamples(
+                f"{self.data.uri}: {len(skipped)} bad samples in a row for one batch slot "
+                f"(last: {skipped[-1]}); the data set is broken")
         with seeded_rng(sample_seed(self.seed, epoch, index)):
             crops = self.transform(image)
         return {"global_crops": crops["global_crops"], "local_crops": crops.get("local_crops", []),
-                "key": sample.key}
+                "key": sample.key, "skipped": skipped}
 
 
 class seeded_rng:
@@ -87,7 +120,7 @@ class MultiCropLoader:
 
     def __init__(self, cfg: Any, rank: int, world_size: int, cursor: DataCursor = DataCursor(),
                  start_step: int = 0, transform: Callable | None = None,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, timeout_s: float | None = None):
         from app.ssl.masking import BlockMaskGenerator
 
         self.cfg, self.rank = cfg, rank
@@ -99,6 +132,8 @@ class MultiCropLoader:
         self.sampler = ResumableSampler(len(self.dataset), rank, world_size, self.seed, cursor)
         self.start_cursor, self.start_step = cursor, start_step
         workers = cfg.train.num_workers if num_workers is None else num_workers
+        timeout = cfg.train.loader_timeout_s if timeout_s is None else timeout_s
+        self.skipped = 0  # bad samples replaced so far by this rank (since start_step)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=_as_list,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
@@ -107,6 +142,8 @@ class MultiCropLoader:
             # or a resumed run's drop-path stream would differ from an uninterrupted one.
             generator=torch.Generator().manual_seed(_mix(self.seed, rank, 0x10AD)),
             worker_init_fn=_worker_init if workers > 0 else None,
+            # A worker that hangs (a stuck read) is an error after this long, never a hung job.
+            timeout=float(timeout) if workers > 0 else 0,
         )
         grid = cfg.crops.global_crops_size // cfg.model.patch_size
         self.n_tokens = grid * grid
@@ -117,9 +154,31 @@ class MultiCropLoader:
         batches = step - self.start_step
         return advance(self.start_cursor, batches * self.batch_size, self.sampler.per_rank)
 
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent): without it a failed run would wait at
+        exit for persistent workers blocked on their index queues."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> "MultiCropLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def next_batch(self, step: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        if self._it is None:
+            raise RuntimeError("the loader was closed")
         samples = next(self._it)
         from app.ssl.masking import collate_data_and_masks
+
+        for sample in samples:
+            for reason in sample.get("skipped", ()):
+                self.skipped += 1
+                log.warning("skipped a bad sample (%d so far on rank %d): %s", self.skipped,
+                            self.rank, reason)
 
         rng = np.random.default_rng(_mix(self.seed, step, self.rank, 0x3A5C))
         batch = collate_data_and_masks(

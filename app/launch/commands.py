@@ -8,20 +8,14 @@ import sys
 import time
 
 from app.config import Config, load_config
+from app.errors import UserError
 from app.launch.jobspec import STAGES, JobSpec, JobSpecError, Resources
 
 BACKENDS = ("local", "k8s")
 
 
 def _user_error(message: str) -> Exception:
-    from app.cli import UserError
-
-    # Also a ValueError, so `python -m app.cli` (where app.cli is __main__, a second copy of the
-    # module with its own UserError class) still prints it as one line.
-    class LaunchError(UserError, ValueError):
-        pass
-
-    return LaunchError(message)
+    return UserError(message)
 
 
 def get_executor(backend: str = "local", namespace: str | None = None):
@@ -35,12 +29,7 @@ def get_executor(backend: str = "local", namespace: str | None = None):
             from app.launch.kubernetes import KubernetesExecutor
         except ImportError as exc:
             raise _user_error(f"--backend k8s is not available: {exc}") from None
-        from app.cli import UserError
-
-        try:
-            return KubernetesExecutor(namespace=namespace) if namespace else KubernetesExecutor()
-        except UserError as exc:  # re-raised as a LaunchError: one line under `python -m app.cli` too
-            raise _user_error(str(exc)) from None
+        return KubernetesExecutor(namespace=namespace) if namespace else KubernetesExecutor()
     raise _user_error(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
 
 

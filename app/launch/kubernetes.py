@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from typing import Iterator
 
-from app.cli import UserError
+from app.errors import UserError
 from app.launch.executor import Condition, JobStatus
 from app.launch.jobspec import JobSpec
 from app.launch.render import (CONTAINER, GROUP, LABEL_JOB_NAME, LABEL_REPLICA_INDEX,

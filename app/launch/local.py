@@ -126,9 +126,10 @@ class Supervisor:
         return env
 
     def replica_command(self, node_rank: int) -> list[str]:
-        # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* env.
+        # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* env;
+        # app.launch.torchrun is the `torchrun` of our images (container exit codes).
         return [*self.placement.node(node_rank).prefix, sys.executable, "-m",
-                "torch.distributed.run", "-m", self.spec.entry_module, self.spec.stage,
+                "app.launch.torchrun", "-m", self.spec.entry_module, self.spec.stage,
                 *self.spec.args]
 
     def _start_group(self) -> None:

@@ -8,10 +8,12 @@ a URI. Writes are atomic: a reader sees either the old object or the whole new o
     with storage.open_read("file:///data/shard-000000.tar") as f: ...
 """
 
-from app.storage.base import ObjectInfo, StorageError, NotFound, join, parse_uri, to_uri
+from app.storage.base import (ObjectInfo, StorageError, NotFound, RangeNotSatisfiable, join,
+                              parse_uri, to_uri)
 from app.storage.api import (
     copy,
     delete,
+    delete_prefix,
     exists,
     get_bytes,
     get_file,
@@ -27,7 +29,8 @@ from app.storage.api import (
 )
 
 __all__ = [
-    "ObjectInfo", "StorageError", "NotFound", "join", "parse_uri", "to_uri", "copy", "delete",
+    "ObjectInfo", "StorageError", "NotFound", "RangeNotSatisfiable", "join", "parse_uri", "to_uri",
+    "copy", "delete", "delete_prefix",
     "exists", "get_bytes", "get_file", "get_storage", "list_objects", "open_read", "open_write",
     "put_bytes", "put_file", "put_json", "put_stream", "get_json",
 ]

@@ -94,6 +94,11 @@ def delete(uri: str) -> None:
     get_storage(uri).delete(to_uri(uri))
 
 
+def delete_prefix(prefix_uri: str) -> None:
+    """Delete everything under `prefix_uri` (on file:// the directory too)."""
+    get_storage(prefix_uri).delete_prefix(to_uri(prefix_uri))
+
+
 def copy(src_uri: str, dst_uri: str) -> None:
     src, dst = to_uri(src_uri), to_uri(dst_uri)
     if parse_uri(src)[0] == parse_uri(dst)[0]:

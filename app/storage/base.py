@@ -16,6 +16,11 @@ class NotFound(StorageError):
     """The object does not exist."""
 
 
+class RangeNotSatisfiable(StorageError):
+    """A byte range lies (partly) past the end of the object: the object is shorter than the
+    index that names the range (a truncated shard). A data problem, never retried."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str
@@ -65,4 +70,5 @@ class Backend(Protocol):
     def list_objects(self, prefix_uri: str, recursive: bool = True) -> Iterator[ObjectInfo]: ...
     def exists(self, uri: str) -> bool: ...
     def delete(self, uri: str) -> None: ...
+    def delete_prefix(self, prefix_uri: str) -> None: ...
     def copy(self, src_uri: str, dst_uri: str) -> None: ...

@@ -118,6 +118,15 @@ class LocalBackend:
         except FileNotFoundError:
             pass
 
+    def delete_prefix(self, prefix_uri: str) -> None:
+        """Delete everything under the directory `prefix_uri`, the directory included (no empty
+        directories are left behind)."""
+        import shutil
+
+        path = _path(prefix_uri).rstrip("/")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+
     def copy(self, src_uri: str, dst_uri: str) -> None:
         src = _path(src_uri)
         if not os.path.isfile(src):

@@ -3,8 +3,13 @@
 This layer is the only one that retries: the urllib3 pool under the minio client is built with
 `Retry(total=0)` (see `s3.py`), so a transient failure reaches us at once and is counted here.
 
-    policy = RetryPolicy.from_env()            # S3_MAX_RETRIES (5), S3_RETRY_BASE_SECONDS (0.5)
+    policy = RetryPolicy.from_env()   # S3_MAX_RETRIES (20), S3_RETRY_BASE_SECONDS (0.5),
+                                      # S3_RETRY_DEADLINE_SECONDS (120)
     policy.call(lambda: client.stat_object(b, k), uri="s3://b/k", endpoint=..., what="stat")
+
+The budget is both a count and a time: a call gives up at the first of `max_retries` retries or
+`deadline_seconds` after its first failure, so a restarting S3 server (a MinIO pod rescheduled in
+10-30 s) is waited for, and a server that is gone for good fails the job within two minutes.
 
 Transient (retried): connection refused/reset, timeouts, truncated responses, HTTP 5xx, SlowDown.
 Not retried: auth errors (one line naming the endpoint and the key variables), a missing object
@@ -45,6 +50,11 @@ class SourceError(Exception):
     def __init__(self, cause: BaseException):
         super().__init__(str(cause))
         self.cause = cause
+
+
+class TransientReply(ConnectionError):
+    """A reply that does not answer the request (wrong range, more bytes than asked): the
+    connection is dropped and the request sent again."""
 
 
 class AuthError(StorageError):
@@ -158,17 +168,24 @@ def describe(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int = 5
+    max_retries: int = 20
     base_seconds: float = 0.5
-    max_seconds: float = 20.0
+    max_seconds: float = 10.0
+    deadline_seconds: float = 120.0
     sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
         return cls(
-            max_retries=int(_env_number("S3_MAX_RETRIES", 5, int)),
+            max_retries=int(_env_number("S3_MAX_RETRIES", 20, int)),
             base_seconds=float(_env_number("S3_RETRY_BASE_SECONDS", 0.5, float)),
+            deadline_seconds=float(_env_number("S3_RETRY_DEADLINE_SECONDS", 120.0, float)),
         )
+
+    def budget(self) -> RetryBudget:
+        """The retries left to one operation (its count and its time)."""
+        return RetryBudget(self)
 
     def delay(self, attempt: int) -> float:
         """Backoff before retry `attempt` (0-based): base * 2^attempt, capped, with jitter in [0.5, 1]x.
@@ -180,21 +197,47 @@ class RetryPolicy:
     def call(self, fn: Callable[[], T], *, uri: str, endpoint: str, what: str = "request",
              source: str = "env") -> T:
         """Run `fn`, retrying transient errors; raise a one-line `StorageError` otherwise."""
-        attempt = 0
+        budget = self.budget()
         while True:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-                kind = classify(exc)
-                if kind == "transient" and attempt < self.max_retries:
-                    wait = self.delay(attempt)
-                    attempt += 1
-                    log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", uri, what,
-                                describe(exc), attempt, self.max_retries, wait)
-                    self.sleep(wait)
-                    continue
-                raise to_storage_error(exc, uri=uri, endpoint=endpoint, what=what,
-                                       attempts=attempt + 1, source=source) from exc
+                wait = budget.next_wait() if classify(exc) == "transient" else None
+                if wait is None:
+                    raise to_storage_error(exc, uri=uri, endpoint=endpoint, what=what,
+                                           attempts=budget.attempts, source=source) from exc
+                log.warning("%s: %s failed (%s); retry %d in %.2f s", uri, what, describe(exc),
+                            budget.attempts - 1, wait)
+                self.sleep(wait)
+
+
+class RetryBudget:
+    """Retries left to one operation: `next_wait()` after each transient failure gives the
+    backoff to sleep, or None once `max_retries` retries were made or `deadline_seconds` have
+    passed since the first failure. `progress()` (a call that got somewhere) starts afresh."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+        self.retries = 0
+        self.first_failure: float | None = None
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    def next_wait(self) -> float | None:
+        now = self.policy.clock()
+        if self.first_failure is None:
+            self.first_failure = now
+        if self.retries >= self.policy.max_retries or \
+                now - self.first_failure >= self.policy.deadline_seconds:
+            return None
+        wait = self.policy.delay(self.retries)
+        self.retries += 1
+        return wait
+
+    def progress(self) -> None:
+        self.retries, self.first_failure = 0, None
 
 
 def to_storage_error(exc: BaseException, *, uri: str, endpoint: str, what: str = "request",

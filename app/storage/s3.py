@@ -7,6 +7,12 @@ CompleteMultipartUpload, and the SDK aborts it when a part or the source fails. 
 mid-upload leaves at most an incomplete multipart upload, which no GET or LIST shows (a bucket
 lifecycle rule `AbortIncompleteMultipartUpload` reclaims its space). A temp key would instead
 stay visible after a crash and cost a second full copy on the server.
+
+Processes: a client (its urllib3 connection pool) belongs to the process that made it. A forked
+child (DataLoader worker, curation rank, os.fork) that used the parent's pool would share its
+sockets and read replies meant for another process, so `S3Backend.client` makes a fresh client
+whenever the current pid differs from the one that built it, and an `S3Reader` opened before a
+fork reopens its object in the child instead of reading the parent's socket.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import logging
 import os
 from typing import BinaryIO, Iterator
 
-from app.storage.base import NotFound, ObjectInfo, StorageError, parse_uri
+from app.storage.base import NotFound, ObjectInfo, RangeNotSatisfiable, StorageError, parse_uri
 from app.storage.credentials import S3Settings, load_settings
-from app.storage.retry import BucketMissing, RetryPolicy, SourceError, classify, to_storage_error
+from app.storage.retry import (BucketMissing, RetryPolicy, SourceError, TransientReply, classify,
+                               describe, to_storage_error)
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -59,6 +66,7 @@ class S3Reader(io.RawIOBase):
         self._b, self._uri = backend, uri
         self._bucket, self._key = _split(uri)
         self._pos = 0
+        self._pid = os.getpid()
         self._resp = None
         self._etag: str | None = None
         self._size = 0
@@ -78,6 +86,8 @@ class S3Reader(io.RawIOBase):
         self._resp = resp
 
     def _release(self) -> None:
+        if self._pid != os.getpid():  # a forked child: the open reply is the parent's socket
+            self._resp, self._pid = None, os.getpid()
         if self._resp is not None:
             resp, self._resp = self._resp, None
             try:
@@ -111,7 +121,9 @@ class S3Reader(io.RawIOBase):
             raise ValueError("I/O operation on closed file")
         if self._pos >= self._size or len(buf) == 0:
             return 0
-        attempt = 0
+        if self._pid != os.getpid():
+            self._release()
+        budget = self._b.retry.budget()
         while True:
             try:
                 if self._resp is None:
@@ -125,12 +137,11 @@ class S3Reader(io.RawIOBase):
                 raise
             except Exception as exc:
                 self._release()
-                policy = self._b.retry
-                if classify(exc) != "transient" or attempt >= policy.max_retries:
+                wait = budget.next_wait() if classify(exc) == "transient" else None
+                if wait is None:
                     raise to_storage_error(exc, uri=self._uri, endpoint=self._b.settings.endpoint,
-                                           what="read", attempts=attempt + 1) from exc
-                policy.sleep(policy.delay(attempt))
-                attempt += 1
+                                           what="read", attempts=budget.attempts) from exc
+                self._b.retry.sleep(wait)
 
     def readall(self) -> bytes:
         out = bytearray()
@@ -152,29 +163,45 @@ class S3Backend:
 
     def __init__(self, settings: S3Settings, retry: RetryPolicy | None = None,
                  part_size: int = 16 * MiB, parallel_parts: int = 3, pool_size: int = 32):
-        import certifi
-        import minio
         import urllib3
 
         self.settings = settings
         self.retry = retry or RetryPolicy.from_env()
         self.part_size = part_size
         self.parallel_parts = parallel_parts
+        self.pool_size = pool_size
+        self._client = None
+        self._client_pid = 0
         if not settings.verify_tls and settings.secure:
             # The user opted out (S3_VERIFY_TLS=false): say so once, not on every request.
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             log.warning("S3 TLS certificates are not verified for %s (S3_VERIFY_TLS=false)",
                         settings.endpoint)
+
+    @property
+    def client(self):
+        """This process's minio client (a new one, with its own sockets, after a fork)."""
+        if self._client is None or self._client_pid != os.getpid():
+            # The parent's pool is dropped, not closed: its sockets are still the parent's.
+            self._client, self._client_pid = self._new_client(), os.getpid()
+        return self._client
+
+    def _new_client(self):
+        import certifi
+        import minio
+        import urllib3
+
+        settings = self.settings
         # Our RetryPolicy is the only retry layer: urllib3 must surface every failure at once.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=120),
-            maxsize=pool_size,
+            maxsize=self.pool_size,
             cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
             retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0, status=0,
                                   raise_on_redirect=True, raise_on_status=False),
         )
-        self.client = minio.Minio(
+        return minio.Minio(
             settings.host, access_key=settings.access_key, secret_key=settings.secret_key,
             secure=settings.secure, region=settings.region, http_client=http,
             cert_check=settings.verify_tls,
@@ -269,21 +296,78 @@ class S3Backend:
             return f.read()
 
     def get_range(self, uri: str, offset: int, length: int) -> bytes:
-        """`length` bytes from `offset` in one ranged GET (random access into shards)."""
+        """Exactly `length` bytes from `offset` (random access into shards), or an error.
+
+        A reply cut short keeps what arrived and the rest is asked for from where it stopped; a
+        reply that is not the range asked for (a longer body, another Content-Range: what a
+        socket shared by two processes produces) is dropped with its connection and asked again.
+        A range past the end of the object is `RangeNotSatisfiable` (the data is shorter than
+        its index says), never retried.
+        """
         bucket, key = _split(uri)
-
-        def get():
-            resp = self.client.get_object(bucket, key, offset=offset, length=length)
+        if length <= 0:
+            return b""
+        out = bytearray()
+        budget = self.retry.budget()
+        while len(out) < length:
+            start, want = offset + len(out), length - len(out)
+            got = len(out)
             try:
-                return resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
+                self._read_range_into(out, bucket, key, start, want, uri)
+                if len(out) == got:
+                    raise TransientReply(f"an empty reply for bytes {start}+{want}")
+            except RangeNotSatisfiable:
+                raise
+            except Exception as exc:
+                if len(out) > got:  # a piece arrived before the reply broke: a fresh budget
+                    budget.progress()
+                if getattr(exc, "code", None) == "InvalidRange":
+                    raise RangeNotSatisfiable(
+                        f"{uri}: range {offset}+{length} is past the end of the object") from None
+                wait = budget.next_wait() if classify(exc) == "transient" else None
+                if wait is None:
+                    raise to_storage_error(exc, uri=uri, endpoint=self.settings.endpoint,
+                                           what=f"read of range {offset}+{length}",
+                                           attempts=budget.attempts,
+                                           source=self.settings.source) from exc
+                log.warning("%s: ranged read at byte %d failed (%s); retry %d in %.2f s", uri,
+                            start, describe(exc), budget.attempts - 1, wait)
+                self.retry.sleep(wait)
+        return bytes(out)
 
-        data = self.call(get, uri, "get")
-        if len(data) != length:
-            raise StorageError(f"{uri}: range {offset}+{length} returned {len(data)} bytes")
-        return data
+    def _read_range_into(self, out: bytearray, bucket: str, key: str, start: int, want: int,
+                         uri: str) -> None:
+        """Append the bytes of one ranged GET to `out`. A reply cut short keeps what arrived;
+        a reply that is not the range asked for raises `TransientReply` and adds nothing."""
+        before = len(out)
+        resp = self.client.get_object(bucket, key, offset=start, length=want)
+        healthy = False
+        try:
+            declared = _content_range(resp.headers.get("Content-Range", ""))
+            if declared is not None and declared[0] == start and 0 <= declared[2] < start + want:
+                raise RangeNotSatisfiable(
+                    f"{uri}: object is {declared[2]} bytes, shorter than the range "
+                    f"{start}+{want} its index names")
+            length = resp.headers.get("Content-Length")
+            if (declared is not None and declared[:2] != (start, start + want - 1)) or \
+                    (length is not None and int(length) != want):
+                raise TransientReply(f"asked for bytes {start}+{want}, the reply is Content-Range "
+                                     f"{resp.headers.get('Content-Range')!r}, Content-Length {length}")
+            while True:  # read1: what arrived before a break is kept, the rest asked for again
+                chunk = resp.read1(256 * 1024)
+                if not chunk:
+                    break
+                if len(out) - before + len(chunk) > want:
+                    raise TransientReply(f"asked for {want} bytes at {start}, the reply has more")
+                out += chunk
+            healthy = True
+        except TransientReply:
+            del out[before:]  # none of a wrong reply's bytes can be trusted
+            raise
+        finally:
+            resp.close()  # a damaged reply's connection is never reused
+            if healthy:
+                resp.release_conn()
 
     def get_file(self, uri: str, local_path: str) -> None:
         from app.storage.local import _atomic_write
@@ -315,7 +399,7 @@ class S3Backend:
             prefix += "/"
         after: str | None = None
         seen_dirs: set[str] = set()
-        attempt = 0
+        budget = self.retry.budget()
         while True:
             try:
                 for obj in self.client.list_objects(bucket, prefix=prefix, recursive=recursive,
@@ -329,16 +413,16 @@ class S3Backend:
                         mtime = obj.last_modified.timestamp() if obj.last_modified else 0.0
                         yield ObjectInfo(f"s3://{bucket}/{name}", int(obj.size or 0), mtime)
                     after = name
-                    attempt = 0
+                    budget.progress()
                 return
             except Exception as exc:
                 # A page failed: continue after the last key we yielded (no duplicates, no gaps).
-                if classify(exc) != "transient" or attempt >= self.retry.max_retries:
+                wait = budget.next_wait() if classify(exc) == "transient" else None
+                if wait is None:
                     raise to_storage_error(exc, uri=prefix_uri, endpoint=self.settings.endpoint,
-                                           what="list", attempts=attempt + 1,
+                                           what="list", attempts=budget.attempts,
                                            source=self.settings.source) from exc
-                self.retry.sleep(self.retry.delay(attempt))
-                attempt += 1
+                self.retry.sleep(wait)
 
     def _has_any(self, bucket: str, prefix: str, uri: str) -> bool:
         def probe() -> bool:
@@ -351,6 +435,12 @@ class S3Backend:
     def delete(self, uri: str) -> None:
         bucket, key = _split(uri)
         self.call(lambda: self.client.remove_object(bucket, key), uri, "delete")
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        """Delete every object under `prefix_uri/` (S3 has no directories to remove)."""
+        for obj in list(self.list_objects(prefix_uri.rstrip("/") + "/")):
+            if not obj.uri.endswith("/"):
+                self.delete(obj.uri)
 
     def copy(self, src_uri: str, dst_uri: str) -> None:
         """Server-side copy (no bytes pass through this process); compose above 5 GiB."""
@@ -367,6 +457,18 @@ class S3Backend:
                 self.client.compose_object(dst_bucket, dst_key, [ComposeSource(src_bucket, src_key)])
 
         self._write(dst_uri, do_copy)
+
+
+def _content_range(value: str) -> tuple[int, int, int] | None:
+    """`bytes a-b/total` -> (a, b, total); None when absent or unparseable (total `*` -> -1)."""
+    if not value.startswith("bytes "):
+        return None
+    span, _, total = value[6:].partition("/")
+    first, _, last = span.partition("-")
+    try:
+        return int(first), int(last), int(total) if total.strip() != "*" else -1
+    except ValueError:
+        return None
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, chunk: int = 4 * MiB) -> None:

@@ -126,13 +126,10 @@ class Tracker:
                 raise
             return exp.experiment_id
 
-    @contextlib.contextmanager
-    def start(self, stage: str, config: Any = None, run_name: str | None = None,
-              parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[Tracker]:
-        """A run for `stage`, a child of `parent_run_id` or `$DINOCTL_PARENT_RUN_ID` if given.
-
-        The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
-        """
+    def run_tags(self, stage: str, config: Any = None, run_name: str | None = None,
+                 parent_run_id: str | None = None, tags: dict | None = None) -> tuple[str, dict]:
+        """`(run name, tags)` of a new run for `stage`; may switch the experiment to the one the
+        config names (when neither the caller nor MLFLOW_EXPERIMENT_NAME chose one)."""
         if config is not None and run_name is None and hasattr(config, "run"):
             run_name = f"{config.run.name}-{stage}"
             if experiment := getattr(config.run, "experiment", None):
@@ -143,9 +140,24 @@ class Tracker:
         all_tags["mlflow.runName"] = run_name or stage
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self._experiment_id(), run_name=run_name or stage,
-                                     tags={k: str(v)[: P.MAX_TAG_VALUE] for k, v in all_tags.items()})
-        outer, self.run_id = self.run_id, run.info.run_id
+        return run_name or stage, {k: str(v)[: P.MAX_TAG_VALUE] for k, v in all_tags.items()}
+
+    def create_run(self, run_name: str, tags: dict) -> str:
+        """Create the run (synchronously) and make it this tracker's current run."""
+        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    @contextlib.contextmanager
+    def start(self, stage: str, config: Any = None, run_name: str | None = None,
+              parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[Tracker]:
+        """A run for `stage`, a child of `parent_run_id` or `$DINOCTL_PARENT_RUN_ID` if given.
+
+        The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+        """
+        name, all_tags = self.run_tags(stage, config, run_name, parent_run_id, tags)
+        outer = self.run_id
+        self.create_run(name, all_tags)
         status = "FAILED"
         try:
             if config is not None:

@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "app.launch.torchrun", "--standalone",
            "--nproc_per_node", str(args.nproc), "-m", "app.entry", "pretrain", "--config", args.config]
     for item in args.set:
         cmd += ["--set", item]

@@ -188,13 +188,13 @@ def _distill(cfg: Config, d) -> int:
     from app.ssl.schedules import Schedules
     from app.train import checkpoint as ckpt
     from app.train.engine import build_engine, resolve_precision
-    from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, run_summary,
+    from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, sigterm_grace, run_summary,
                                 sample_log_from_env, train_loop)
     from app.train.run import stage_tracking
     from app.train.step import TrainParts
 
     started = time.monotonic()
-    stop = StopFlag()
+    stop = StopFlag(sigterm_grace(cfg.train.sigterm_grace_s))
     stop.install()
     teacher = load_teacher(cfg)
     cfg.model = teacher.model  # `model:` is the teacher; the loader's patch grid comes from it

@@ -38,12 +38,12 @@ def stage_argv(args: argparse.Namespace) -> list[str]:
 
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+    return [sys.executable, "-m", "app.launch.torchrun", "--standalone", "--nproc_per_node",
             str(args.nproc), "-m", "app.entry", *stage_argv(args)]
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from app.cli import UserError
+    from app.errors import UserError
     from app.config import load_config
     from app.train.distill import DistillSetupError, prepare_config
 

@@ -132,10 +132,14 @@ def optimizer_param_groups(engine) -> list[dict]:
     return (inner if inner is not None else opt).param_groups
 
 
-def shutdown() -> None:
-    """Always tear the group down: without it gloo sometimes aborts at exit (environment.md §2)."""
+def shutdown(graceful: bool = True) -> None:
+    """Always tear the group down: without it gloo sometimes aborts at exit (environment.md §2).
+
+    `graceful` waits for every rank first (a clean end); after a failure there is no barrier:
+    the rank that failed, or the one it waits for, may be gone."""
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if graceful:
+                dist.barrier()
         finally:
             dist.destroy_process_group()

@@ -2,7 +2,11 @@
 
 Every part is built elsewhere and passed in (`app/train/run.py`), so each can be tested alone.
 A SIGTERM (Kubernetes deleting or preempting the pod) sets a flag; all ranks agree on it after
-the current step, save a checkpoint and stop with `PREEMPTED_EXIT_CODE`.
+the current step (or right after a checkpoint that was being written), save a checkpoint unless
+that one is it, and stop with `PREEMPTED_EXIT_CODE`. The flag also arms a deadline: if the
+checkpoint is not done `grace_s` after the signal, the process exits 143 without it (LATEST still
+names the previous complete checkpoint), so a pod always ends inside its termination grace
+period. The loader's workers are stopped on every way out of the loop.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,12 +38,29 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 143
 
 
-class StopFlag:
-    """Set by SIGTERM; read once per step and agreed on by all ranks."""
+DEFAULT_SIGTERM_GRACE_S = 25.0  # inside Kubernetes' default terminationGracePeriodSeconds (30)
 
-    def __init__(self) -> None:
+
+def sigterm_grace(configured: float) -> float:
+    """`train.sigterm_grace_s`, else $DINOCTL_SIGTERM_GRACE_S (set in our pods), else 25 s."""
+    if configured and configured > 0:
+        return float(configured)
+    raw = os.environ.get("DINOCTL_SIGTERM_GRACE_S", "").strip()
+    try:
+        return float(raw) if raw and float(raw) > 0 else DEFAULT_SIGTERM_GRACE_S
+    except ValueError:
+        raise ValueError(f"DINOCTL_SIGTERM_GRACE_S={raw!r}: expected a number of seconds") from None
+
+
+class StopFlag:
+    """Set by SIGTERM; read once per step and agreed on by all ranks. Arms a `grace_s` deadline
+    after which the process exits `PREEMPTED_EXIT_CODE` whatever it is doing."""
+
+    def __init__(self, grace_s: float = DEFAULT_SIGTERM_GRACE_S) -> None:
         self.requested = False
         self.pid = os.getpid()
+        self.grace_s = grace_s
+        self._deadline: threading.Timer | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handler)
@@ -45,7 +68,21 @@ class StopFlag:
     def _handler(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # a forked DataLoader worker: the trainer stops it later
             return
+        if not self.requested:
+            log.warning("SIGTERM: finishing the step, then checkpointing (deadline %.0f s)",
+                        self.grace_s)
+            self._deadline = threading.Timer(self.grace_s, self._give_up)
+            self._deadline.daemon = True
+            self._deadline.start()
         self.requested = True  # only a flag: the current step finishes, then all ranks save
+
+    def _give_up(self) -> None:
+        log.error("SIGTERM %.0f s ago and no checkpoint finished since: exiting %d without one "
+                  "(LATEST still names the last complete checkpoint)", self.grace_s,
+                  PREEMPTED_EXIT_CODE)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(PREEMPTED_EXIT_CODE)
 
     def agreed(self, device: torch.device) -> bool:
         if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -89,6 +126,7 @@ class LoopResult:
     preempted: bool
     last: dict[str, float]
     images_per_s: float
+    skipped_samples: int = 0  # bad samples this rank replaced (since the run started or resumed)
 
 
 def train_loop(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, start_step: int,
@@ -115,17 +153,23 @@ def train_loop(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, start
             if step % lc.log_every == 0 or step == lc.total_steps:
                 values.update(timer.summary(), peak_memory_mb=peak_memory_mb(lc.device))
                 log_metrics(values, step)
+            values["skipped_samples"] = float(loader.skipped)
             progress.update(step - 1, values)
             preempted = stop.agreed(lc.device)
-            if preempted or step % lc.checkpoint_every == 0 or step == lc.total_steps:
+            periodic = step % lc.checkpoint_every == 0 or step == lc.total_steps
+            if preempted or periodic:
                 save(parts, loader, lc, step)
+                # A SIGTERM that came while this checkpoint was written: it is the one to keep.
+                preempted = preempted or stop.agreed(lc.device)
             if preempted:
                 log.warning("SIGTERM: checkpoint at step %d written; exiting with %d so the job "
                             "is retried and resumes", step, PREEMPTED_EXIT_CODE)
-                return LoopResult(step, True, values, overall.summary()["images_per_s"])
+                return LoopResult(step, True, values, overall.summary()["images_per_s"],
+                                  loader.skipped)
     finally:
         progress.close()
-    return LoopResult(step, False, values, overall.summary()["images_per_s"])
+        loader.close()  # workers stop on every way out: success, SIGTERM, any exception
+    return LoopResult(step, False, values, overall.summary()["images_per_s"], loader.skipped)
 
 
 def save(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, step: int) -> None:
@@ -177,6 +221,7 @@ def run_summary(cfg: Any, result: LoopResult, world_size: int, zero_stage: int, 
         "run": cfg.run.name, "steps": result.steps,
         "final_losses": {k: v for k, v in result.last.items() if k.endswith("loss")},
         "images_per_s": result.images_per_s, "world_size": world_size,
+        "skipped_samples": result.skipped_samples,
         "zero_stage": zero_stage, "precision": precision,
         "wall_s": round(time.monotonic() - started, 1), "config_hash": config_hash(cfg),
     }

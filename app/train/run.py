@@ -44,23 +44,35 @@ def run(cfg: Config) -> int:
 
 def run_guarded(body, cfg: Config, setup_errors: tuple[type[Exception], ...] = (),
                 what: str = "train") -> int:
-    """Join the process group, set up logging and run body(cfg, dist_info) -> exit code: a
-    non-finite loss is exit 1, one of setup_errors exit 2 (one line each); always shut down."""
+    """Join the process group, set up logging and run body(cfg, dist_info) -> exit code: one of
+    setup_errors is exit 2, a non-finite loss or any other error exit 1, each as one line (with
+    the traceback first for errors that are not ours). The process group is always shut down;
+    after a failure without waiting for the other ranks, which may be the ones that are gone."""
     from app.train.engine import init_distributed, shutdown
     from app.train.step import NonFiniteLoss
 
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(dist_info.rank)
+    ok = False
     try:
-        return body(cfg, dist_info)
+        rc = body(cfg, dist_info)
+        ok = rc == 0
+        return rc
     except setup_errors as exc:
         log.error("%s: %s", what, exc)
         return 2
     except NonFiniteLoss as exc:
         log.error("%s", exc)
         return 1
+    except Exception as exc:  # noqa: BLE001 - the job must end, with a line that says why
+        from app.errors import one_line, is_expected
+
+        if not is_expected(exc):
+            log.exception("%s failed", what)
+        log.error("%s: error: %s", what, one_line(exc))
+        return 1
     finally:
-        shutdown()
+        shutdown(graceful=ok)
 
 
 def _train(cfg: Config, d) -> int:
@@ -72,11 +84,11 @@ def _train(cfg: Config, d) -> int:
     from app.train import checkpoint as ckpt
     from app.train.engine import build_engine, resolve_precision
     from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, export_run,
-                                run_summary, sample_log_from_env, train_loop)
+                                run_summary, sample_log_from_env, sigterm_grace, train_loop)
     from app.train.step import TrainParts
 
     started = time.monotonic()
-    stop = StopFlag()
+    stop = StopFlag(sigterm_grace(cfg.train.sigterm_grace_s))
     stop.install()
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     student = build_network(cfg)
@@ -120,23 +132,13 @@ def _train(cfg: Config, d) -> int:
 @contextlib.contextmanager
 def stage_tracking(cfg: Config, stage: str = "pretrain"):
     """The MLflow run of this stage (`app.tracking`; a no-op tracker on ranks other than 0).
-    A tracking server that cannot be reached costs the metrics, never the training run."""
-    from app.tracking import NullTracker, get_tracker
+    Buffered (`app/tracking/buffered.py`): a tracking server that is down or goes away costs at
+    most the metrics of the outage, never the training run, and never blocks a step."""
+    from app.tracking import get_tracker
+    from app.tracking.buffered import buffered_run
 
-    try:
-        ctx = get_tracker().start(stage, config=cfg)
-        tracker = ctx.__enter__()
-    except Exception as exc:  # noqa: BLE001 - tracking must not kill training
-        log.warning("MLflow tracking disabled: %s", exc)
-        yield NullTracker()
-        return
-    try:
+    with buffered_run(get_tracker(), stage, config=cfg) as tracker:
         yield tracker
-    except BaseException:
-        if not ctx.__exit__(*sys.exc_info()):
-            raise
-    else:
-        ctx.__exit__(None, None, None)
 
 
 def setup_logging(rank: int) -> None:

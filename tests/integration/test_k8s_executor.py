@@ -19,7 +19,7 @@ import yaml
 kmock = pytest.importorskip("kmock", reason="kmock is not installed (pip install -e .[dev])")
 from kubernetes import client  # noqa: E402
 
-from app.cli import UserError  # noqa: E402
+from app.errors import UserError  # noqa: E402
 from app.launch.jobspec import JobSpec  # noqa: E402
 from app.launch.kubernetes import KubernetesExecutor  # noqa: E402
 from app.launch.webhook import validate_pytorchjob  # noqa: E402

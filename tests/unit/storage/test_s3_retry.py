@@ -1,5 +1,6 @@
 """Classification of S3/network failures, backoff, and the one-line errors users see."""
 
+import errno
 import socket
 
 import pytest
@@ -119,4 +120,28 @@ def test_policy_reads_env(monkeypatch):
         RetryPolicy.from_env()
     monkeypatch.delenv("S3_MAX_RETRIES")
     monkeypatch.delenv("S3_RETRY_BASE_SECONDS")
-    assert (RetryPolicy.from_env().max_retries, RetryPolicy.from_env().base_seconds) == (5, 0.5)
+    policy = RetryPolicy.from_env()
+    assert (policy.max_retries, policy.base_seconds, policy.deadline_seconds) == (20, 0.5, 120.0)
+    monkeypatch.setenv("S3_RETRY_DEADLINE_SECONDS", "7.5")
+    assert RetryPolicy.from_env().deadline_seconds == 7.5
+
+
+def test_gives_up_when_the_time_budget_is_spent_whatever_the_count():
+    now = [0.0]
+
+    def sleep(seconds):  # a fake clock: the budget is measured, not slept
+        now[0] += seconds
+
+    policy = RetryPolicy(max_retries=1000, base_seconds=1.0, max_seconds=4.0, deadline_seconds=30.0,
+                         sleep=sleep, clock=lambda: now[0])
+    calls = []
+
+    def op():
+        calls.append(now[0])
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    with pytest.raises(StorageError, match=r"failed after \d+ attempts against http://127.0.0.1:8333 "
+                                           r"\(connection refused\)"):
+        policy.call(op, uri=URI, endpoint=ENDPOINT)
+    assert 30.0 <= now[0] < 30.0 + 4.0  # stopped at the deadline, not after 1000 retries
+    assert 8 <= len(calls) <= 30

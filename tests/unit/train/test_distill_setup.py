@@ -144,7 +144,7 @@ def test_cli_builds_the_stage_command_and_fails_fast(tmp_path):
     assert cmd[cmd.index("app.entry") + 1:] == ["distill", "--config", "demo", "--set", "run.name=x",
                                                 "--set", "distill.teacher=s3://b/runs/t",
                                                 "--resume", "auto"]
-    from app.cli import UserError
+    from app.errors import UserError
 
     bad = parser.parse_args(["distill", "--config", "demo", "--set", "distill.teacher=",
                              "--set", f"run.store={tmp_path.as_uri()}"])

@@ -83,7 +83,7 @@ def test_dinoctl_train_registers_and_builds_the_torchrun_command():
     args = build_parser().parse_args(["train", "--config", "demo", "--nproc", "2", "--set",
                                       "train.max_steps=3", "--resume", "auto"])
     cmd = torchrun_command(args)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert cmd[1:4] == ["-m", "app.launch.torchrun", "--standalone"]
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[cmd.index("app.entry") + 1] == "pretrain"
     assert cmd[-4:] == ["--set", "train.max_steps=3", "--resume", "auto"]

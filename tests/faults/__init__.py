@@ -1,0 +1,1 @@
+"""Fault injection for tests: real servers disturbed from outside, never our code mocked."""
