@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config) -> int:
-    return run_guarded(_train, cfg)
+    return run_guarded(_train, cfg, what="pretrain")
 
 
 def run_guarded(body, cfg: Config, setup_errors: tuple[type[Exception], ...] = (),

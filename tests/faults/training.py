@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+# The pods' launcher; DINOCTL_TEST_TORCHRUN points elsewhere (e.g. torch's own, to show a defect).
+TORCHRUN = os.environ.get("DINOCTL_TEST_TORCHRUN") or str(Path(sys.executable).parent / "torchrun")
 
 TINY = {
     "crops.global_crops_size": 42, "crops.local_crops_size": 14, "crops.local_crops_number": 2,
