@@ -3,6 +3,16 @@
 The dataclass defaults are the official DINOv2 defaults (`ssl_default_config.yaml`); a preset in
 `configs/` overrides what differs. Unknown keys and values of the wrong type are errors that name
 the key and the file they came from.
+
+Where things go: `run.store` defaults to `$DINOCTL_STORE` (set in every pod by the chart), else
+`<$DINOCTL_HOME>/store` (our images set DINOCTL_HOME to a writable /tmp), else the embedded
+`file://./.dinoctl/store`. Any string value may say `${run.store}` (e.g. `train.dataset:
+${run.store}/datasets/curated`): it is replaced by the resolved store, so one stage config works
+on a laptop and in a cluster.
+
+Presets are found in `$DINOCTL_CONFIG_DIR`, the source tree's `configs/` and the installed copy
+(`<prefix>/share/dinoctl/configs`, from the wheel); `_base_:` names a file next to the preset or
+a preset by name.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +31,35 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from app import DEFAULT_IMAGE
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the source tree's presets
+INSTALLED_CONFIG_DIR = Path(sys.prefix) / "share" / "dinoctl" / "configs"  # the wheel's copy
+EMBEDDED_STORE = "file://./.dinoctl/store"
+STORE_REF = "${run.store}"
+
+
+def config_dirs() -> list[Path]:
+    """Where presets are looked up, in order (existing directories only)."""
+    dirs = [Path(d) for d in os.environ.get("DINOCTL_CONFIG_DIR", "").split(os.pathsep) if d]
+    dirs += [CONFIG_DIR, INSTALLED_CONFIG_DIR]
+    seen, out = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def default_store() -> str:
+    """`$DINOCTL_STORE`, else `<$DINOCTL_HOME>/store`, else the embedded ./.dinoctl/store."""
+    store = os.environ.get("DINOCTL_STORE", "").strip()
+    if store:
+        return store.rstrip("/")
+    home = os.environ.get("DINOCTL_HOME", "").strip()
+    if home:
+        return Path(home).resolve().joinpath("store").as_uri()
+    return EMBEDDED_STORE
 
 
 class ConfigError(ValueError):
@@ -34,7 +74,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = "dinov2"  # run name: outputs go to <store>/runs/<name>/
-    store: str = "file://./.dinoctl/store"  # root URI of the object store (file:// or s3://)
+    store: str = ""  # root URI of the object store (file:// or s3://); empty: default_store()
     experiment: str = "dinoctl"  # MLflow experiment
     seed: int = 0
 
@@ -138,6 +178,10 @@ class TrainConfig:
     # After SIGTERM: finish the step, checkpoint, exit 143 within this many seconds (0: the pod's
     # $DINOCTL_SIGTERM_GRACE_S, else 25 s, inside Kubernetes' default 30 s grace period).
     sigterm_grace_s: int = 0
+    # One job at a time writes a run: the writer renews <store>/runs/<name>/LEASE.json every
+    # lease_ttl_s / 4; another job waits until the lease is lease_ttl_s old (a killed writer), then
+    # takes it, or fails after lease_ttl_s + 60 s naming the holder. 0: no lease.
+    lease_ttl_s: int = 120
 
 
 @dataclass
@@ -253,7 +297,7 @@ class EvalConfig:
 
 @dataclass
 class LaunchConfig:
-    image: str = "ghcr.io/dinoctl/dinoctl:latest"
+    image: str = DEFAULT_IMAGE  # the versioned GPU image scripts/build-images makes
     replicas: int = 1  # Master + (replicas - 1) Workers
     nproc_per_node: int = 1
     restart_policy: str = "OnFailure"  # OnFailure | ExitCode | Never
@@ -396,15 +440,22 @@ def _parse_scalar(text: str) -> Any:
 
 
 def resolve_preset(preset: str | Path) -> Path:
-    """A preset is a path to a YAML file or the name of one in `configs/`."""
+    """A preset is a path to a YAML file or the name of one in `config_dirs()`."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    candidate = CONFIG_DIR / f"{preset}.yaml"
-    if candidate.exists():
-        return candidate
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config preset '{preset}' not found (a .yaml path or one of: {available})")
+    name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else str(preset)
+    dirs = config_dirs()
+    for d in dirs:
+        candidate = d / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+    if path.suffix in (".yaml", ".yml") and (len(path.parts) > 1 or not dirs):
+        raise ConfigError(f"config file '{preset}' not found")
+    available = ", ".join(sorted({p.stem for d in dirs for p in d.glob("*.yaml")}))
+    where = ", ".join(str(d) for d in dirs) or "no preset directory exists (set DINOCTL_CONFIG_DIR)"
+    raise ConfigError(f"config preset '{preset}' not found (a .yaml path or one of: "
+                      f"{available or '(none)'}; looked in {where})")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -429,7 +480,12 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, st
     if base:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.exists():
-            raise ConfigError(f"{path}: _base_ file '{base}' not found")
+            try:  # a preset by name: a stage config mounted from a ConfigMap can build on one
+                base_path = resolve_preset(Path(str(base)).stem if str(base).endswith(
+                    (".yaml", ".yml")) else str(base))
+            except ConfigError:
+                raise ConfigError(f"{path}: _base_ '{base}' is neither a file next to it nor a "
+                                  "preset") from None
         layers += _load_layers(base_path, seen + (path.resolve(),))
     layers.append((data, str(path)))
     return layers
@@ -481,13 +537,38 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
         for data, source in _load_layers(resolve_preset(preset)):
             _build(Config, data, "", source, base=cfg)
     cfg = apply_overrides(cfg, overrides)
+    resolve_locations(cfg)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     cfg = _build(Config, data, "", source)
+    resolve_locations(cfg)
     validate(cfg)
+    return cfg
+
+
+def resolve_locations(cfg: Config) -> Config:
+    """Fill an empty `run.store` with `default_store()` and replace `${run.store}` in every
+    string value (lists included) by it. In place; returns cfg."""
+    store = (cfg.run.store or default_store()).rstrip("/")
+    if STORE_REF in store:
+        raise ConfigError(f"'run.store' cannot refer to itself: {cfg.run.store!r}")
+    cfg.run.store = store
+
+    def visit(obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, str) and STORE_REF in value:
+                setattr(obj, f.name, value.replace(STORE_REF, store))
+            elif isinstance(value, list):
+                setattr(obj, f.name, [v.replace(STORE_REF, store) if isinstance(v, str) else v
+                                      for v in value])
+            elif dataclasses.is_dataclass(value):
+                visit(value)
+
+    visit(cfg)
     return cfg
 
 

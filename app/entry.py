@@ -19,6 +19,9 @@ STAGES = {
     "eval": "app.eval.run",
     "register": "app.eval.registry_run",
     "synth": "app.data.synth",
+    # one curation stage: `app.entry embed --config ...` is `app.entry curate embed --config ...`
+    **{stage: "app.curation.run" for stage in ("embed", "dedup", "retrieve", "cluster",
+                                               "materialize", "report")},
 }
 
 

@@ -130,20 +130,25 @@ def curate(stage: str, cfg: Any, force: bool = False) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curate", description="curation stages")
-    p.add_argument("stage", choices=(*STAGES, "run"))
+    p.add_argument("stage", nargs="?", default="run", choices=(*STAGES, "run"),
+                   help="one stage, or run (the default): every configured stage")
     p.add_argument("--config", default="curate_lvd", help="preset name or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--force", action="store_true", help="recompute even if the stage is done")
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`app.entry curate [<stage>|run] --config ...`; the entry's own stage name is dropped."""
+    if argv and argv[0] == "curate":  # `python -m app.entry curate ...` passes the stage name
+        argv = argv[1:]
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from app.config import load_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "curate":  # `python -m app.entry curate ...` passes the stage name
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)

@@ -49,9 +49,9 @@ def _import(args) -> int:
     name = args.name or os.path.basename(os.path.normpath(args.src.split("*", 1)[0])) or "imported"
     out = args.out
     if not out:
-        from app.config import RunConfig
+        from app.config import default_store
 
-        out = storage.join(args.store or RunConfig().store, "datasets", name)
+        out = storage.join(args.store or default_store(), "datasets", name)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     stats = import_images(args.src, out, name=name, workers=args.workers,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from typing import Any
 
@@ -214,12 +215,18 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
 
 
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """As a job (`dinoctl submit synth --config X`): the config gives the store and the seed."""
+    p.add_argument("--config", "-c", default=None, help="preset or YAML: run.store and run.seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
 def run_synth(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out
     if not out:
-        from app.config import RunConfig
+        from app.config import default_store
 
-        out = storage.join(args.store or RunConfig().store, "datasets", "synth")
+        out = storage.join(args.store or default_store(), "datasets", "synth")
     n_train, n_val = args.eval_train, args.eval_val
     if args.eval is not None:
         n_train = (2 * args.eval) // 3
@@ -230,18 +237,32 @@ def run_synth(args: argparse.Namespace) -> dict[str, Any]:
                       max_samples_per_shard=args.shard_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import json
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`app.entry synth [--out URI] [--config ...]`; the entry's own stage name is dropped."""
     if argv and argv[0] == "synth":  # `python -m app.entry synth ...` passes the stage name
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="synth", description=__doc__.split("\n")[0])
     add_synth_args(parser)
+    add_config_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    import sys
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run_synth(parser.parse_args(argv))
+    if args.config or args.overrides:
+        from app.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        args.store = args.store or cfg.run.store
+        args.seed = args.seed or cfg.run.seed
+    if int(os.environ.get("RANK", "0")) != 0:  # a multi-replica job: one writer
+        return 0
+    summary = run_synth(args)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

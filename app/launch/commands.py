@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import sys
@@ -73,8 +74,33 @@ def _stage_args(args) -> list[str]:
     return out + list(args.stage_args or [])
 
 
+def pod_config_error(config: str) -> str | None:
+    """Why `--config` cannot be read inside a pod, or None: a pod sees the presets shipped in the
+    image and the chart's stage configs (mounted at /etc/dinoctl/configs), not this machine."""
+    from app.config import CONFIG_DIR
+    from app.launch.render import CONFIG_MOUNT
+
+    if config.startswith(CONFIG_MOUNT + "/"):
+        return None
+    if "/" not in config and not config.endswith((".yaml", ".yml")) and (CONFIG_DIR / f"{config}.yaml").exists():
+        return None
+    return (f"--config: '{config}' is not in the image: with --backend k8s use a preset name "
+            f"(one of configs/*.yaml) or a stage config of the chart under {CONFIG_MOUNT}/, "
+            "and --set for changes")
+
+
 def _spec_from_args(args) -> JobSpec:
-    cfg = load_config(args.config, args.overrides)
+    from app.launch.render import CONFIG_MOUNT
+
+    if getattr(args, "backend", "local") == "k8s":
+        problem = pod_config_error(args.config)
+        if problem:
+            raise _user_error(problem)
+    if args.config.startswith(CONFIG_MOUNT + "/") and not os.path.exists(args.config):
+        # the chart's stage config exists only in the pod: launch settings from the defaults
+        cfg = load_config(None, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     return spec_from_config(
         cfg, args.stage, _stage_args(args), name=args.name, replicas=args.replicas,
         nproc_per_node=args.nproc_per_node, restart_policy=args.restart_policy,

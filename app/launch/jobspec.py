@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from app import DEFAULT_IMAGE
+from app.entry import STAGES  # what `torchrun -m app.entry <stage>` can run
+
 RESTART_POLICIES = ("OnFailure", "ExitCode", "Never", "Always")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-STAGES = ("curate", "pretrain", "distill", "eval", "register", "embed", "dedup", "retrieve",
-          "cluster", "materialize", "report", "train", "knn", "linear", "synth")
 
 
 class JobSpecError(ValueError):
@@ -32,7 +33,7 @@ class JobSpec:
     name: str  # DNS-1035 job name, <= 63 characters
     stage: str  # entry stage: torchrun -m app.entry <stage> ...
     args: tuple[str, ...] = ()  # arguments after the stage, e.g. ("--config", "configs/demo.yaml")
-    image: str = "ghcr.io/dinoctl/dinoctl:latest"
+    image: str = DEFAULT_IMAGE  # the versioned GPU image scripts/build-images makes
     replicas: int = 1  # total replicas: 1 Master + (replicas - 1) Workers
     nproc_per_node: int = 1
     resources: Resources = field(default_factory=Resources)
@@ -45,6 +46,11 @@ class JobSpec:
     queue: str = ""  # Kueue LocalQueue
     labels: tuple[tuple[str, str], ...] = ()
     entry_module: str = "app.entry"  # the module torchrun runs (tests may point at a workload)
+    # SIGTERM -> checkpoint -> exit 143 must fit in the pod's grace; a ViT-g checkpoint takes minutes
+    termination_grace_s: int = 300
+    tmp_size: str = "50Gi"  # /tmp emptyDir sizeLimit and ephemeral-storage request (staged checkpoints)
+    shm_size: str = "16Gi"  # /dev/shm (memory emptyDir) sizeLimit: DataLoader workers, NCCL
+    ttl_seconds_after_finished: int = 0  # 0: keep finished jobs
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or len(self.name) > 63 or not _DNS1035.match(self.name):
@@ -55,6 +61,9 @@ class JobSpec:
             raise JobSpecError(f"stage: '{self.stage}' is not one of {', '.join(STAGES)}")
         if not self.image:
             raise JobSpecError("image: must not be empty")
+        if not isinstance(self.termination_grace_s, int) or self.termination_grace_s < 40:
+            raise JobSpecError(f"termination_grace_s: must be an integer >= 40 (the checkpoint on "
+                               f"SIGTERM needs time), got {self.termination_grace_s!r}")
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise JobSpecError(f"replicas: must be an integer >= 1, got {self.replicas!r}")
         if not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1:

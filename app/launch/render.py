@@ -10,6 +10,7 @@ from a Secret and endpoints from a ConfigMap, both by reference.
 from __future__ import annotations
 
 from app.launch.jobspec import JobSpec
+from app.launch.operator import LABEL_JOB_NAME, LABEL_REPLICA_INDEX, LABEL_REPLICA_TYPE  # noqa: F401
 
 GROUP = "kubeflow.org"
 VERSION = "v1"
@@ -19,10 +20,7 @@ KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the webhook requires one container with this name
 PORT_NAME = "pytorchjob-port"
 
-# Labels the operator puts on every pod of a job (training-operator v1.9).
-LABEL_JOB_NAME = "training.kubeflow.org/job-name"
-LABEL_REPLICA_TYPE = "training.kubeflow.org/replica-type"  # lower case: master | worker
-LABEL_REPLICA_INDEX = "training.kubeflow.org/replica-index"
+# The labels the operator puts on every pod of a job are app/launch/operator.py's LABEL_*.
 # Our own labels. `part-of` is what the chart's NetworkPolicies let through to MinIO and MLflow.
 LABEL_STAGE = "dinoctl.dev/stage"
 LABEL_RERUN_OF = "dinoctl.dev/rerun-of"
@@ -30,11 +28,19 @@ LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 PART_OF = {"app.kubernetes.io/part-of": "dinoctl"}
 
 CONFIG_MOUNT = "/etc/dinoctl/configs"  # where a stage-config ConfigMap is mounted
+STAGE_CONFIGS = "dinoctl-configs"  # the chart's stage-config ConfigMap (release "dinoctl")
 RUN_AS_USER = 1000  # the image's non-root user (docker/Dockerfile)
 
 # Keys of the chart's Secret / ConfigMap (helm/dinoctl/templates/{secret,configmap-settings}.yaml).
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 SETTINGS_KEYS = ("S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DINOCTL_STORE")
+# What the process may spend on its SIGTERM checkpoint: the pod's grace less this margin for
+# torchrun's own shutdown (it SIGKILLs workers DINOCTL_SIGTERM_GRACE_S + 5 s after SIGTERM).
+GRACE_MARGIN_S = 30
+
+
+def sigterm_grace_s(termination_grace_s: int) -> int:
+    return max(10, termination_grace_s - GRACE_MARGIN_S)
 
 
 def pod_security_context() -> dict:
@@ -43,6 +49,7 @@ def pod_security_context() -> dict:
         "runAsUser": RUN_AS_USER,
         "runAsGroup": RUN_AS_USER,
         "fsGroup": RUN_AS_USER,
+        "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of a volume on every start
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -75,6 +82,7 @@ def _env(spec: JobSpec, s3_secret: str | None, settings_configmap: str | None) -
         {"name": "DINOCTL_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "DINOCTL_IMAGE", "value": spec.image},
         {"name": "HOME", "value": "/tmp"},
+        {"name": "DINOCTL_SIGTERM_GRACE_S", "value": str(sigterm_grace_s(spec.termination_grace_s))},
     ]
     taken = {item["name"] for item in env}
     for key, value in spec.env:
@@ -87,7 +95,7 @@ def _env(spec: JobSpec, s3_secret: str | None, settings_configmap: str | None) -
 
 def _resources(spec: JobSpec) -> dict:
     res = spec.resources
-    requests = {"cpu": res.cpu, "memory": res.memory}
+    requests = {"cpu": res.cpu, "memory": res.memory, "ephemeral-storage": spec.tmp_size}
     limits = {"memory": res.memory}
     if res.gpus:
         # Extended resources must be set in limits; requests default to the same value.
@@ -100,9 +108,9 @@ def _pod_template(spec: JobSpec, *, s3_secret, settings_configmap, service_accou
                   config_configmap) -> dict:
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict] = [
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": spec.tmp_size}},
         # dataloader workers and NCCL use shared memory; the container default (64 MiB) is too small
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
     ]
     if config_configmap:
         mounts.append({"name": "configs", "mountPath": CONFIG_MOUNT, "readOnly": True})
@@ -120,6 +128,7 @@ def _pod_template(spec: JobSpec, *, s3_secret, settings_configmap, service_accou
     }
     pod_spec: dict = {
         "automountServiceAccountToken": False,  # stage code never talks to the Kubernetes API
+        "terminationGracePeriodSeconds": spec.termination_grace_s,
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
@@ -146,6 +155,9 @@ def render_pytorchjob(spec: JobSpec, *, s3_secret: str | None = "dinoctl-s3",
     With `generate_name`, metadata carries `generateName: <name>-` instead of a name (for
     `kubectl create -f`, which gives every submission a fresh name).
     """
+    if config_configmap is None and any(str(a).startswith(CONFIG_MOUNT + "/") for a in spec.args):
+        config_configmap = STAGE_CONFIGS  # `--config /etc/dinoctl/configs/x.yaml`: mount them
+
     def template() -> dict:  # a fresh object per replica type: editing one never edits both
         return _pod_template(spec, s3_secret=s3_secret, settings_configmap=settings_configmap,
                              service_account=service_account, config_configmap=config_configmap)
@@ -158,6 +170,8 @@ def render_pytorchjob(spec: JobSpec, *, s3_secret: str | None = "dinoctl-s3",
     run_policy: dict = {"cleanPodPolicy": "Running", "backoffLimit": spec.backoff_limit}
     if spec.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished:
+        run_policy["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     labels = {**PART_OF, "app.kubernetes.io/name": "dinoctl", "app.kubernetes.io/managed-by": "dinoctl",
               "app.kubernetes.io/component": spec.stage, LABEL_STAGE: spec.stage, **dict(spec.labels)}
     if spec.queue:

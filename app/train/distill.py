@@ -42,10 +42,15 @@ class DistillSetupError(ValueError):
     """A one-line problem with the teacher, the student or the run name."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    from app.train.run import parse_args
+def parse_args(argv: list[str]):
+    """The pretraining arguments (`app/train/run.py`) under the stage name distill."""
+    from app.train.run import parse_args as train_args
 
-    args = parse_args(list(sys.argv[1:] if argv is None else argv), stage="distill")
+    return train_args(argv, stage="distill")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = load_config(args.config, args.set)
         if args.resume:

@@ -54,7 +54,9 @@ def run_guarded(body, cfg: Config, setup_errors: tuple[type[Exception], ...] = (
     dist_info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(dist_info.rank)
     ok = False
+    lease = None
     try:
+        lease = take_run_lease(cfg, dist_info.rank)
         rc = body(cfg, dist_info)
         ok = rc == 0
         return rc
@@ -72,7 +74,35 @@ def run_guarded(body, cfg: Config, setup_errors: tuple[type[Exception], ...] = (
         log.error("%s: error: %s", what, one_line(exc))
         return 1
     finally:
+        if lease is not None:
+            lease.release()
         shutdown(graceful=ok)
+
+
+def take_run_lease(cfg: Config, rank: int):
+    """Rank 0 takes the lease on <store>/runs/<run.name> (app/storage/lease.py); every rank
+    learns the outcome, so a refused job ends on all ranks at once. None when leases are off."""
+    import torch.distributed as dist
+
+    from app import storage
+    from app.storage.lease import Lease, LeaseHeld
+
+    if cfg.train.lease_ttl_s <= 0:
+        return None
+    lease, refusal = None, ""
+    if rank == 0:
+        try:
+            lease = Lease(storage.join(storage.to_uri(cfg.run.store), "runs", cfg.run.name),
+                          ttl_s=float(cfg.train.lease_ttl_s)).acquire()
+        except LeaseHeld as exc:
+            refusal = str(exc)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise LeaseHeld(refusal)
+    return lease
 
 
 def _train(cfg: Config, d) -> int:

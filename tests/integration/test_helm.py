@@ -54,7 +54,11 @@ def test_default_values_render_the_platform_without_jobs():
 
 
 def test_gpu_values_render_queued_multinode_jobs():
-    docs = template("-f", str(GPU_VALUES))
+    # Only pretraining starts at install: distill and eval read its export, so enabling them
+    # at once would start them before their inputs exist.
+    assert {d["metadata"]["name"] for d in template("-f", str(GPU_VALUES)) if d["kind"] == "PyTorchJob"} \
+        == {"dinoctl-pretrain"}
+    docs = template("-f", str(GPU_VALUES), "--set", "jobs.distill.enabled=true", "--set", "jobs.eval.enabled=true")
     jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PyTorchJob"}
     assert set(jobs) == {"dinoctl-pretrain", "dinoctl-distill", "dinoctl-eval"}
     pre = jobs["dinoctl-pretrain"]
@@ -65,6 +69,7 @@ def test_gpu_values_render_queued_multinode_jobs():
     pod = pre["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["terminationGracePeriodSeconds"] == 600  # a ViT-g checkpoint on SIGTERM
     # A stage setting wins over the defaults, also when it is "smaller".
     assert jobs["dinoctl-eval"]["spec"]["runPolicy"]["backoffLimit"] == 1
     assert jobs["dinoctl-eval"]["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] == "OnFailure"
@@ -134,3 +139,38 @@ def test_job_names_that_are_not_dns1035_fail_with_the_fix():
     proc = helm("template", "1st", str(CHART), "--set", "jobs.eval.enabled=true", check=False)
     assert proc.returncode != 0
     assert "is not a DNS-1035 label; set fullnameOverride" in proc.stderr
+
+
+def test_cluster_values_render_rdma_annotations_volumes_ttl_and_priority():
+    docs = template("--set", "jobs.pretrain.enabled=true", "--set-json", 'jobs.defaults.extraResources={"rdma/ib": 1}',
+                    "--set-json", 'jobs.defaults.podAnnotations={"k8s.v1.cni.cncf.io/networks": "ib-net"}',
+                    "--set-json", 'jobs.pretrain.extraVolumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "imagenet"}}]',
+                    "--set-json", 'jobs.pretrain.extraVolumeMounts=[{"name": "data", "mountPath": "/data", "readOnly": true}]',
+                    "--set", "jobs.defaults.ttlSecondsAfterFinished=86400",
+                    "--set", "jobs.defaults.workloadPriorityClass=high")
+    (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == 86400
+    template_ = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert template_["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "ib-net"
+    c = template_["spec"]["containers"][0]
+    assert c["resources"]["limits"]["rdma/ib"] == "1" and c["resources"]["requests"]["rdma/ib"] == "1"
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "imagenet"}} in template_["spec"]["volumes"]
+
+
+def test_hook_and_test_pods_use_the_cpu_image():
+    docs = template()
+    hooks = [d for d in docs if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
+    assert len(hooks) == 3
+    for obj in hooks:
+        spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Job" else obj["spec"]
+        assert spec["containers"][0]["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-cpu"
+    docs = template("--set", "image.tag=0.1.0-cpu")
+    assert all("-cpu-cpu" not in yaml.safe_dump(d) for d in docs)
+
+
+def test_volume_pods_skip_the_recursive_chown():
+    for d in template():
+        if d["kind"] in ("StatefulSet", "Deployment"):
+            assert d["spec"]["template"]["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"

@@ -242,19 +242,6 @@ def test_chart_jobs_and_rendered_jobs_follow_the_same_rules(charts):
     assert chart_job["spec"]["nprocPerNode"] == ours["spec"]["nprocPerNode"]
 
 
-def test_kustomize_builds_the_config_map():
-    kubectl = _tool("kubectl", "KUBECTL_BIN")
-    proc = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s")], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    (cm,) = docs
-    assert cm["metadata"]["name"] == "dinoctl-configs"
-    assert set(cm["data"]) == {"curate.yaml", "pretrain.yaml", "distill.yaml", "eval.yaml"}
-    kv = pytest.importorskip("kubernetes_validate")
-    kv.validate(cm, KUBE_VERSION, strict=True)
-
-
 # -- the images the manifests run (Docker is not available in CI: checked statically) ----------
 
 def _dockerfile(name: str) -> list[tuple[str, str]]:
@@ -269,6 +256,10 @@ def _dockerfile(name: str) -> list[tuple[str, str]]:
     return out
 
 
+def _args(steps) -> dict[str, str]:
+    return {k: v for ins, arg in steps if ins == "ARG" and "=" in arg for k, v in [arg.split("=", 1)]}
+
+
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
 def test_images_run_as_uid_1000_with_the_dinoctl_entry_point(name):
     steps = _dockerfile(name)
@@ -278,21 +269,177 @@ def test_images_run_as_uid_1000_with_the_dinoctl_entry_point(name):
     assert any(ins == "USER" for ins, _ in steps[last_from:])
     assert ("ENTRYPOINT", '["dinoctl"]') in steps
     env = " ".join(arg for ins, arg in steps[last_from:] if ins == "ENV")
-    assert "HOME=/tmp" in env  # writable with a read-only root filesystem
+    assert "HOME=/tmp" in env and "DINOCTL_HOME=/tmp/" in env  # writable with a read-only root
+    assert ("WORKDIR", "/tmp") in steps  # ./.dinoctl, ./mlruns: under /tmp too
     runs = " ".join(arg for ins, arg in steps if ins == "RUN")
     for pin in ('"torch==2.14.1"', '"torchvision==0.29.1"', '"deepspeed==0.19.8"'):
         assert pin in runs, pin
     assert "faiss-gpu==" in runs if name == "Dockerfile" else "faiss-cpu==" in runs
+    assert "app.launch.torchrun --install" in runs  # torchrun on PATH ends with 143 on SIGTERM
+    args = _args(steps)
     for ins, arg in steps:
         if ins == "FROM":
             image = arg.split()[0]
+            image = args.get(image.strip("${}"), image) if image.startswith("$") else image
             assert ":" in image and not image.endswith(":latest"), f"unpinned base image {image}"
 
 
-def test_gpu_image_prebuilds_the_deepspeed_ops():
-    env = " ".join(arg for ins, arg in _dockerfile("Dockerfile") if ins in ("ENV", "ARG"))
-    assert "DS_BUILD_FUSED_ADAM=1" in env and "TORCH_CUDA_ARCH_LIST" in env
-    assert any(ins == "FROM" and "nvidia/cuda:" in arg for ins, arg in _dockerfile("Dockerfile"))
+def test_cpu_image_takes_the_torch_index_as_a_build_argument():
+    steps = _dockerfile("Dockerfile.cpu")
+    assert _args(steps)["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert any(ins == "RUN" and '"${TORCH_INDEX_URL}"' in arg and "torch==" in arg for ins, arg in steps)
+
+
+def test_gpu_image_versions_agree_with_its_lock():
+    """torch 2.14.1 from PyPI is the CUDA 13 build: no CUDA 12 base image, no DeepSpeed op build
+    (its CUDA check aborts on the mismatch; the engine uses torch's AdamW), driver floor 580."""
+    steps = _dockerfile("Dockerfile")
+    lock = dict(line.split("==") for line in (ROOT / "docker" / "requirements-gpu.lock").read_text().splitlines()
+                if line and not line.startswith("#"))
+    runs = " ".join(arg for ins, arg in steps if ins == "RUN")
+    for pkg in ("torch", "torchvision", "deepspeed", "faiss-gpu"):
+        assert f'"{pkg}=={lock[pkg]}"' in runs, pkg
+    assert "-c /opt/requirements-gpu.lock" in runs
+    assert lock["nvidia-cuda-runtime"].startswith("13.") and lock["nvidia-nccl-cu13"]
+    assert not any(ins == "FROM" and "nvidia/cuda" in arg for ins, arg in steps)
+    env = " ".join(arg for ins, arg in steps if ins in ("ENV", "ARG"))
+    assert "DS_BUILD_OPS=0" in env and "DS_BUILD_FUSED_ADAM" not in env
+    assert 'NVIDIA_REQUIRE_CUDA="cuda>=13.0"' in env
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    assert "driver >= 580" in docs
+
+
+def test_no_default_image_is_latest_and_all_name_a_built_tag():
+    """`:latest` is never built; every default names the tag scripts/build-images makes."""
+    import app
+    from app.config import LaunchConfig
+    from app.launch.jobspec import JobSpec
+
+    version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version"))
+    assert app.__version__ == version
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == version
+    built = subprocess.run([str(ROOT / "scripts" / "build-images"), "--dry-run"], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT).stdout
+    tags = {t for line in built.splitlines() for t in line.split() if t.startswith("ghcr.io/dinoctl/dinoctl:")}
+    assert LaunchConfig().image in tags and JobSpec(name="x", stage="eval").image in tags
+    for job in k8s_dir_jobs():
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            assert replica["template"]["spec"]["containers"][0]["image"] in tags
+    for path in [*(ROOT / "k8s").rglob("*.yaml"), *(ROOT / "app").rglob("*.py"), *(CHART / "templates").rglob("*")]:
+        if path.is_file():
+            assert "dinoctl:latest" not in path.read_text(), path
+
+
+def test_k8s_dir_is_what_the_chart_renders():
+    from tests.k8s.render import main
+
+    assert main(["--check"]) == 0
+
+
+def test_kustomize_makes_everything_the_jobs_refer_to(tmp_path):
+    import shutil
+
+    kubectl = _tool("kubectl", "KUBECTL_BIN")
+    k8s = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", k8s)
+    (k8s / "s3.env").write_text((k8s / "s3.env.example").read_text())
+    proc = subprocess.run([kubectl, "kustomize", str(k8s)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout) if d}
+    kv = pytest.importorskip("kubernetes_validate")
+    for obj in objs.values():
+        kv.validate(obj, KUBE_VERSION, strict=True)
+    for job in k8s_dir_jobs():
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        for e in pod["containers"][0]["env"]:
+            ref = (e.get("valueFrom") or {})
+            if "secretKeyRef" in ref:
+                assert ("Secret", ref["secretKeyRef"]["name"]) in objs
+                assert ref["secretKeyRef"]["key"] in objs[("Secret", ref["secretKeyRef"]["name"])]["data"]
+            if "configMapKeyRef" in ref:
+                assert ref["configMapKeyRef"]["key"] in objs[("ConfigMap", ref["configMapKeyRef"]["name"])]["data"]
+        for v in pod["volumes"]:
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in objs
+    chart_settings = next(d for d in render_chart() if d["kind"] == "ConfigMap"
+                          and d["metadata"]["name"] == "dinoctl-settings")
+    assert set(objs[("ConfigMap", "dinoctl-settings")]["data"]) == set(chart_settings["data"])
+    assert "k8s/s3.env" in (ROOT / ".gitignore").read_text()
+
+
+STAGE_NEEDS = {"pretrain": ("train.dataset",), "distill": ("train.dataset", "distill.teacher"),
+               "eval": ("eval.model", "eval.train", "eval.val"), "curate": ("curation.pool",)}
+
+
+@pytest.mark.parametrize("values", ["values.yaml", "values-gpu-multinode.yaml", "values-ci.yaml"])
+def test_stage_configs_load_in_a_pod_and_name_their_inputs(values, monkeypatch, tmp_path):
+    """Each stage config as the pod reads it (mounted file, DINOCTL_STORE from the settings)."""
+    from app.config import flatten, load_config
+
+    docs = render_chart("-f", str(CHART / values)) if values != "values.yaml" else render_chart()
+    configs = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "dinoctl-configs")
+    settings = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "dinoctl-settings")
+    monkeypatch.setenv("DINOCTL_STORE", settings["data"]["DINOCTL_STORE"])
+    for name, text in configs["data"].items():
+        path = tmp_path / name
+        path.write_text(text)
+        cfg = flatten(load_config(path))
+        assert cfg["run.store"] == "s3://dinoctl/store"
+        for key in STAGE_NEEDS[name[:-5]]:
+            assert cfg[key] and str(cfg[key]).startswith("s3://dinoctl/store/") or (
+                isinstance(cfg[key], list) and cfg[key]), (values, name, key)
+    if values != "values-ci.yaml":
+        (tmp_path / "p.yaml").write_text(configs["data"]["pretrain.yaml"])
+        vitg = load_config(tmp_path / "p.yaml")
+        assert (vitg.model.arch, vitg.model.ffn_layer, vitg.train.batch_size_per_gpu) == \
+            ("vit_giant2", "swiglufused", 12)
+
+
+def test_every_chart_pod_and_expanded_worker_meets_pod_security_restricted(charts):
+    from app.launch import operator
+    from tests.k8s import psa
+
+    template = (ROOT / "k8s" / "operator" / "init-container.yaml").read_text()
+    objects = [d for docs in charts.values() for d in docs] + k8s_dir_jobs() + rendered_jobs()
+    checked = 0
+    for obj in objects:
+        if obj["kind"] == "PyTorchJob":
+            job = yaml.safe_load(yaml.safe_dump(obj))
+            job["metadata"].setdefault("name", "j")
+            specs = [p["spec"] for p in operator.expand(job, init_template=template) if p["kind"] == "Pod"]
+        else:
+            specs = pod_specs(obj)
+        for spec in specs:
+            assert psa.violations(spec) == [], (obj["kind"], obj["metadata"])
+            checked += 1
+    assert checked > 20
+
+
+def test_every_job_command_is_accepted_by_its_stage(charts):
+    """The container command of every job (chart, k8s/jobs, dinoctl submit) parses with the
+    stage's own argument parser, as `torchrun -m app.entry <stage> ...` runs it in the pod."""
+    import importlib
+
+    from app.entry import STAGES
+
+    jobs = [d for docs in charts.values() for d in docs if d["kind"] == "PyTorchJob"] + \
+        k8s_dir_jobs() + rendered_jobs()
+    seen = set()
+    for job in jobs:
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            c = replica["template"]["spec"]["containers"][0]
+            argv = [*c.get("command", []), *c.get("args", [])]
+            assert argv[:3] == ["torchrun", "-m", "app.entry"], argv
+            stage = argv[3]
+            module = importlib.import_module(STAGES.get(stage, "app.curation.run"))
+            try:
+                module.parse_args(argv[3:])
+            except SystemExit:
+                pytest.fail(f"{job['metadata']}: {stage} rejects its arguments {argv[4:]}")
+            seen.add(stage)
+    assert {"curate", "pretrain", "distill", "eval"} <= seen, seen
 
 
 def test_dockerignore_keeps_the_venv_and_tools_out():

@@ -45,7 +45,7 @@ def test_base_cycle_and_missing_base_name_the_file(tmp_path):
     preset(tmp_path, "b.yaml", "_base_: a.yaml\n")
     assert "_base_ cycle" in one_line_error(a)
     c = preset(tmp_path, "c.yaml", "_base_: nope.yaml\n")
-    assert one_line_error(c) == f"{c}: _base_ file 'nope.yaml' not found"
+    assert one_line_error(c) == f"{c}: _base_ 'nope.yaml' is neither a file next to it nor a preset"
 
 
 def test_unknown_top_level_key_names_key_and_file(tmp_path):
@@ -139,3 +139,61 @@ def test_config_hash_changes_with_content_and_flatten_gives_dotted_keys():
     assert config_hash(a) != config_hash(b)
     flat = flatten(a)
     assert flat["curation.dedup.k"] == 64 and flat["train.batch_size_per_gpu"] == 64
+
+
+# -- where a pod's config puts things (issue #13: DINOCTL_STORE, presets in the image) ----------
+
+def test_run_store_comes_from_dinoctl_store_and_fills_store_references(tmp_path, monkeypatch):
+    stage = preset(tmp_path, "pretrain.yaml", """
+        _base_: demo
+        train: {dataset: "${run.store}/datasets/curated"}
+        distill: {teacher: "${run.store}/runs/teacher"}
+    """)
+    monkeypatch.setenv("DINOCTL_STORE", "s3://bkt/store/")
+    cfg = load_config(stage)
+    assert cfg.run.store == "s3://bkt/store"
+    assert cfg.train.dataset == "s3://bkt/store/datasets/curated"
+    assert cfg.distill.teacher == "s3://bkt/store/runs/teacher"
+    assert cfg.model.arch == "vit_tiny"  # the preset named by _base_ was applied
+    # an explicit run.store still wins over the environment
+    assert load_config(stage, ["run.store=file:///data/s"]).train.dataset == "file:///data/s/datasets/curated"
+
+
+def test_dinoctl_home_moves_the_default_store_to_a_writable_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOCTL_HOME", str(tmp_path / "home"))
+    cfg = load_config("demo")
+    assert cfg.run.store == (tmp_path / "home" / "store").as_uri()
+    assert cfg.train.dataset.startswith(cfg.run.store + "/")
+
+
+def test_without_settings_the_store_is_the_embedded_default():
+    assert load_config("demo").run.store == "file://./.dinoctl/store"
+    assert load_config("demo").train.dataset == "file://./.dinoctl/store/datasets/synth/pool"
+
+
+def test_presets_are_found_in_dinoctl_config_dir(tmp_path, monkeypatch):
+    d = tmp_path / "presets"
+    d.mkdir()
+    preset(d, "mine.yaml", "run: {name: mine}\n")
+    monkeypatch.setenv("DINOCTL_CONFIG_DIR", str(d))
+    assert load_config("mine").run.name == "mine"
+    msg = str(pytest.raises(ConfigError, load_config, "nope").value)
+    assert "mine" in msg and "demo" in msg and str(d) in msg
+
+
+def test_installed_wheel_ships_the_presets(tmp_path):
+    """The image installs the package (not the source tree): presets must come with the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path), str(root)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("dinoctl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if "/share/dinoctl/configs/" in n}
+    assert {p.name for p in (root / "configs").glob("*.yaml")} <= shipped

@@ -45,6 +45,13 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The small CPU image for hook and test pods: no multi-GB CUDA pull inside Helm's hook timeout. */}}
+{{- define "dinoctl.hookImage" -}}
+{{- $repo := default .Values.image.repository .Values.hooks.image.repository }}
+{{- $tag := printf "%s-cpu" (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
+{{- printf "%s:%s" $repo (default $tag .Values.hooks.image.tag) }}
+{{- end }}
+
 {{- define "dinoctl.serviceAccountName" -}}
 {{- default (printf "%s-submitter" (include "dinoctl.fullname" .)) .Values.serviceAccount.name }}
 {{- end }}
@@ -95,6 +102,7 @@ runAsNonRoot: true
 runAsUser: 1000
 runAsGroup: 1000
 fsGroup: 1000
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end }}

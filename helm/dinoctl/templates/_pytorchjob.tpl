@@ -26,6 +26,9 @@ metadata:
     {{- with $job.queue }}
     kueue.x-k8s.io/queue-name: {{ . }}
     {{- end }}
+    {{- with $job.workloadPriorityClass }}
+    kueue.x-k8s.io/priority-class: {{ . }}
+    {{- end }}
 spec:
   nprocPerNode: {{ $job.nprocPerNode | toString | quote }}
   runPolicy:
@@ -33,6 +36,9 @@ spec:
     backoffLimit: {{ int64 $job.backoffLimit }}
     {{- if $job.activeDeadlineSeconds }}
     activeDeadlineSeconds: {{ int64 $job.activeDeadlineSeconds }}
+    {{- end }}
+    {{- if $job.ttlSecondsAfterFinished }}
+    ttlSecondsAfterFinished: {{ int64 $job.ttlSecondsAfterFinished }}
     {{- end }}
   pytorchReplicaSpecs:
     Master:
@@ -56,10 +62,17 @@ metadata:
   labels:
     {{- include "dinoctl.labels" (dict "root" $root "component" .stage) | nindent 4 }}
     dinoctl.dev/stage: {{ .stage }}
+    {{- with $job.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   annotations:
     sidecar.istio.io/inject: "false"
+    {{- with $job.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 spec:
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: {{ int64 $job.terminationGracePeriodSeconds }}
   securityContext:
     {{- include "dinoctl.podSecurityContext" $root | nindent 4 }}
   {{- with $job.priorityClassName }}
@@ -93,6 +106,7 @@ spec:
             fieldRef: {fieldPath: metadata.namespace}
         - {name: DINOCTL_IMAGE, value: {{ .image | quote }}}
         - {name: HOME, value: /tmp}
+        - {name: DINOCTL_SIGTERM_GRACE_S, value: {{ max 10 (sub (int $job.terminationGracePeriodSeconds) 30) | toString | quote }}}
         {{- range $job.env }}
         - {name: {{ .name }}, value: {{ .value | quote }}}
         {{- end }}
@@ -102,13 +116,20 @@ spec:
         requests:
           cpu: {{ $job.cpu | quote }}
           memory: {{ $job.memory | quote }}
+          ephemeral-storage: {{ $job.tmpSize | quote }}
           {{- if $job.gpus }}
           nvidia.com/gpu: {{ $job.gpus | toString | quote }}
+          {{- end }}
+          {{- range $k, $v := $job.extraResources }}
+          {{ $k }}: {{ $v | toString | quote }}
           {{- end }}
         limits:
           memory: {{ $job.memory | quote }}
           {{- if $job.gpus }}
           nvidia.com/gpu: {{ $job.gpus | toString | quote }}
+          {{- end }}
+          {{- range $k, $v := $job.extraResources }}
+          {{ $k }}: {{ $v | toString | quote }}
           {{- end }}
       securityContext:
         {{- include "dinoctl.containerSecurityContext" $root | nindent 8 }}
@@ -116,12 +137,18 @@ spec:
         - {name: tmp, mountPath: /tmp}
         - {name: dshm, mountPath: /dev/shm}
         - {name: configs, mountPath: /etc/dinoctl/configs, readOnly: true}
+        {{- with $job.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: tmp
-      emptyDir: {}
+      emptyDir: {sizeLimit: {{ $job.tmpSize | quote }}}
     - name: dshm
-      emptyDir: {medium: Memory}
+      emptyDir: {medium: Memory, sizeLimit: {{ $job.shmSize | quote }}}
     - name: configs
       configMap:
         name: {{ include "dinoctl.configsName" $root }}
+    {{- with $job.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}

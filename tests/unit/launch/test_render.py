@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.launch.jobspec import JobSpec, Resources
+from app.launch.jobspec import JobSpecError, JobSpec, Resources
 from app.launch.render import render_pytorchjob
 from app.launch.webhook import validate_pytorchjob
 
@@ -61,7 +61,8 @@ def test_gpus_go_into_requests_and_limits():
                                     resources=Resources(cpu="16", memory="64Gi", gpus=8)))
     res = _containers(job)[0]["resources"]
     assert res["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "8"}
-    assert res["requests"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "8"}
+    assert res["requests"] == {"cpu": "16", "memory": "64Gi", "ephemeral-storage": "50Gi",
+                               "nvidia.com/gpu": "8"}
     cpu_only = _containers(render_pytorchjob(JobSpec(name="p", stage="eval")))[0]["resources"]
     assert "nvidia.com/gpu" not in cpu_only["limits"]
 
@@ -77,7 +78,7 @@ def test_secrets_come_by_reference_and_literals_only_from_the_spec():
     assert env["DINOCTL_IMAGE"]["value"] == "reg/dinoctl:1"
     assert env["NCCL_DEBUG"]["value"] == "WARN"
     literal = {name for name, e in env.items() if "value" in e}
-    assert literal == {"DINOCTL_IMAGE", "HOME", "NCCL_DEBUG"}
+    assert literal == {"DINOCTL_IMAGE", "HOME", "NCCL_DEBUG", "DINOCTL_SIGTERM_GRACE_S"}
 
 
 def test_without_secret_and_settings_no_references_are_rendered():
@@ -138,3 +139,33 @@ def test_generate_name_replaces_the_name():
 ])
 def test_rendered_jobs_pass_the_webhook_rules(spec):
     assert validate_pytorchjob(render_pytorchjob(spec)) == []
+
+
+def test_pods_get_time_to_checkpoint_on_sigterm_and_bounded_scratch_space():
+    """terminationGracePeriodSeconds covers the SIGTERM checkpoint (DINOCTL_SIGTERM_GRACE_S is
+    what the process may spend, torchrun's own shutdown fits in the rest); /tmp and /dev/shm are
+    bounded and /tmp's size is requested as ephemeral storage; finished jobs may expire."""
+    spec = JobSpec(name="p", stage="pretrain", termination_grace_s=600, tmp_size="200Gi", shm_size="64Gi",
+                   ttl_seconds_after_finished=3600)
+    job = render_pytorchjob(spec)
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 600
+    env = _env(pod["containers"][0])
+    grace = int(env["DINOCTL_SIGTERM_GRACE_S"]["value"])
+    assert grace + 5 < 600 and grace >= 500  # torchrun SIGKILLs workers at grace + 5 s
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["tmp"]["emptyDir"] == {"sizeLimit": "200Gi"}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "200Gi"
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == 3600
+    with pytest.raises(JobSpecError, match="termination_grace_s"):
+        JobSpec(name="p", stage="pretrain", termination_grace_s=5)
+
+
+def test_chart_stage_config_paths_mount_the_chart_configs():
+    job = render_pytorchjob(JobSpec(name="r", stage="register", args=("--config", "/etc/dinoctl/configs/eval.yaml")))
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert {"name": "configs", "configMap": {"name": "dinoctl-configs"}} in pod["volumes"]
+    plain = render_pytorchjob(JobSpec(name="r", stage="register", args=("--config", "demo")))
+    assert all(v["name"] != "configs" for v in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"])

