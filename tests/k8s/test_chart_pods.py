@@ -201,21 +201,22 @@ def test_pipeline_from_the_chart_jobs(stack):
 
     # every artifact in S3
     for key in ("store/curation/curate/selection/_SUCCESS", "store/datasets/ci-curated",
-                "store/runs/pretrain/export/_SUCCESS", "store/runs/pretrain/LATEST",
+                "store/runs/pretrain/export/_SUCCESS", "store/runs/pretrain/checkpoints/LATEST",
                 "store/runs/distill/export/_SUCCESS", "store/runs/distill/eval/_SUCCESS",
                 "store/runs/distill/register/_SUCCESS"):
         assert stack.s3_exists(key), key
     pre = stack.s3_json("store/runs/pretrain/export/summary.json")
-    assert pre["world_size"] == 2 and pre["final_step"] == 12 if "final_step" in pre else pre["world_size"] == 2
+    assert (pre["world_size"], pre["steps"]) == (2, 12), pre
     ev = stack.s3_json("store/runs/distill/eval/summary.json")
     assert ev["knn"]["top1"]["20"] > 0.0
     # and every run in the MLflow server, artifacts proxied to S3
     exps = stack.mlflow("/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
     exp_ids = [e["experiment_id"] for e in exps if e["name"] == "dinoctl"]
     runs = stack.mlflow("/api/2.0/mlflow/runs/search", {"experiment_ids": exp_ids, "max_results": 100})["runs"]
-    stages = {r["data"].get("tags") and {t["key"]: t["value"] for t in r["data"]["tags"]}.get("dinoctl.stage")
-              for r in runs}
-    assert {"curate", "pretrain", "distill", "eval"} <= stages, stages
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    stages = {t.get("stage") for t in tags}
+    assert all(t.get("job_name") for t in tags), tags  # each run names the job that made it
+    assert {"curate-run", "pretrain", "distill", "eval", "register"} <= stages, stages
     assert stack.s3_exists("mlflow/"), "no MLflow artifact reached S3"
     cluster.check_liveness()
     print(json.dumps({"stage_seconds": {k: round(v, 1) for k, v in times.items()}}))
@@ -233,14 +234,14 @@ def test_killed_pretrain_job_recreated_resumes_on_the_same_trajectory(stack):
 
     def kill_after_first_checkpoint(cl: PodmanCluster, pods: list[str]) -> None:
         deadline = time.monotonic() + STAGE_TIMEOUT
-        while not stack.s3_exists("store/runs/pretrain-killed/LATEST"):
+        while not stack.s3_exists("store/runs/pretrain-killed/checkpoints/LATEST"):
             assert time.monotonic() < deadline, "no checkpoint"
             time.sleep(1)
         cl.kill(pods[0], "SIGKILL")  # the Master: as a node failure or the OOM killer would
     results = cluster.run_pytorchjob(first, timeout=STAGE_TIMEOUT, on_started=kill_after_first_checkpoint)
     assert results[f"{first['metadata']['name']}-master-0"] == 137
     assert results[f"{first['metadata']['name']}-worker-0"] != 0  # its peer died: it ends too
-    latest = stack.s3().get_object("dinoctl", "store/runs/pretrain-killed/LATEST").read().decode().strip()
+    latest = stack.s3().get_object("dinoctl", "store/runs/pretrain-killed/checkpoints/LATEST").read().decode().strip()
     assert "step-" in latest
     # re-created as `kubectl create -f` would: a new name, the same spec
     second = generated(job)
