@@ -66,10 +66,11 @@ def k8s_dir_jobs() -> list[dict]:
 def rendered_jobs() -> list[dict]:
     specs = [
         JobSpec(name="demo", stage="pretrain", args=("--config", "configs/demo.yaml")),
-        JobSpec(name="vitg14-pretrain", stage="pretrain", replicas=8, nproc_per_node=8,
+        JobSpec(name="vitg14-pretrain", stage="pretrain", args=("--config", "vitg14"),
+                replicas=8, nproc_per_node=8,
                 resources=Resources(cpu="64", memory="900Gi", gpus=8), queue="gpu",
                 restart_policy="ExitCode", active_deadline_seconds=86400, env=(("NCCL_DEBUG", "WARN"),)),
-        JobSpec(name="curate-embed", stage="embed", replicas=2, restart_policy="Never", backoff_limit=0),
+        JobSpec(name="curate-embed", stage="embed", args=("--config", "curate_lvd"), replicas=2, restart_policy="Never", backoff_limit=0),
     ]
     return [render_pytorchjob(s, config_configmap="dinoctl-configs") for s in specs] + \
         [render_pytorchjob(specs[0], generate_name=True, s3_secret=None, settings_configmap=None)]
