@@ -182,6 +182,9 @@ class TrainConfig:
     # lease_ttl_s / 4; another job waits until the lease is lease_ttl_s old (a killed writer), then
     # takes it, or fails after lease_ttl_s + 60 s naming the holder. 0: no lease.
     lease_ttl_s: int = 120
+    # CPU, memory, disk, network and (NVIDIA) GPU utilisation of the rank-0 node, logged to the
+    # stage's MLflow run as system/* metrics (MLflow's "System metrics" tab) every this many s.
+    system_metrics_interval_s: float = 10.0  # 0: off
 
 
 @dataclass

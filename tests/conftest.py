@@ -25,11 +25,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests must never talk to a tracking server or object store from the developer's shell.
 for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DINOCTL_PARENT_RUN_ID",
               "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_CREDENTIALS_DIR",
-              "DINOCTL_STORE", "DINOCTL_CONFIG_DIR", "DINOCTL_HOME"):
+              "DINOCTL_STORE", "DINOCTL_CONFIG_DIR"):
     os.environ.pop(_name, None)
 
+from tests.guard import UserStateGuard  # noqa: E402
 from tests.services import mlflow_server as _mlflow_server  # noqa: E402
 from tests.services import seaweedfs  # noqa: E402
+
+# Anything the suite starts without a home of its own (a job launched with the checkout as its
+# working directory, a subprocess) writes here, never into the checkout's .dinoctl/ or mlruns/.
+_GUARD = UserStateGuard(ROOT)
+os.environ["DINOCTL_HOME"] = str(_GUARD.session_home)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    problem = _GUARD.finish()
+    if problem:
+        session.config.get_terminal_writer().line(f"\nuser state changed by the suite: {problem}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_configure(config):

@@ -19,6 +19,7 @@ from app import storage
 from app.curation.artifacts import CurationRun, get_npz
 from app.curation.dedup import phash
 from app.curation.knn import l2_normalize
+from app.progress import format_progress
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,8 @@ def embed_dataset(run: CurationRun, set_name: str, dataset_uri: str, cfg: Any, r
         n += counts["n"]
         n_corrupt += counts["n_corrupt"]
         dt = max(time.time() - t0, 1e-9)
-        log.info("embed %s: shard %d/%d (%d images, %.1f images/s)", set_name, done + skipped,
-                 len(mine), n, n / dt)
+        log.info("%s", format_progress(f"embed.{set_name}", done + skipped, len(mine), "shards", dt,
+                                       skipped, images=n, **{"img/s": n / dt}))
     return {"set": set_name, "dataset": ds.uri, "shards": len(mine), "shards_embedded": done,
             "shards_skipped": skipped, "images": n, "corrupt": n_corrupt,
             "seconds": round(time.time() - t0, 2),

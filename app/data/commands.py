@@ -9,6 +9,8 @@ from app import storage
 
 
 def register(sub) -> None:
+    from app.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+
     p = sub.add_parser("data", help="build and inspect datasets (tar shards + index)")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
@@ -27,6 +29,12 @@ def register(sub) -> None:
                      help="decoding processes")
     imp.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     imp.add_argument("--shard-mb", type=int, default=256, help="maximum shard size in MB")
+    imp.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                     help=f"downscale images whose longest side is above this (default "
+                          f"{DEFAULT_MAX_SIDE}; 0 keeps every image at its size)")
+    imp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help=f"skip images with more pixels than this, as likely decompression "
+                          f"bombs (default {DEFAULT_MAX_PIXELS:_}; 0: no limit)")
     imp.set_defaults(func=_import)
 
     info = dsub.add_parser("info", help="print a dataset's statistics")
@@ -54,9 +62,13 @@ def _import(args) -> int:
         out = storage.join(args.store or default_store(), "datasets", name)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    for flag, value in (("--max-side", args.max_side), ("--max-pixels", args.max_pixels)):
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0 (0: no limit), got {value}")
     stats = import_images(args.src, out, name=name, workers=args.workers,
                           max_samples_per_shard=args.shard_size,
-                          max_bytes=args.shard_mb << 20)
+                          max_bytes=args.shard_mb << 20, max_pixels=args.max_pixels,
+                          max_side=args.max_side)
     print(f"imported {stats['num_samples']} images ({stats['num_classes']} classes, "
           f"{stats['num_skipped']} skipped) into {out}")
     return 0

@@ -16,6 +16,7 @@ in memory at once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import glob
 import hashlib
 import logging
@@ -25,7 +26,8 @@ from collections import deque
 from typing import Any, Iterator
 
 from app import storage
-from app.data.decode import IMAGE_EXTENSIONS, CorruptImage, to_stored_jpeg
+from app.data.decode import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, IMAGE_EXTENSIONS, CorruptImage,
+                             ImageInfo, to_stored_jpeg)
 from app.data.shards import ShardWriter, is_valid_key, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -33,22 +35,26 @@ log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
-def store_image(writer: ShardWriter, key: str, data: bytes, meta: dict[str, Any]) -> bool:
-    """Validate `data` and write it (as JPEG) under `key`, or record it as skipped."""
+def store_image(writer: ShardWriter, key: str, data: bytes, meta: dict[str, Any],
+                max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> bool:
+    """Validate `data` and write it (as JPEG, downscaled to `max_side`) under `key`, or record
+    it as skipped."""
     source = meta.get("source") or key
     try:
-        stored, info = to_stored_jpeg(data, name=source)
+        stored, info = to_stored_jpeg(data, name=source, max_pixels=max_pixels, max_side=max_side)
     except CorruptImage as exc:
         writer.skip(source, exc.reason)
         return False
-    _write_prepared(writer, key, stored, info.width, info.height, info.format, meta)
+    _write_prepared(writer, key, stored, info, meta)
     return True
 
 
-def _write_prepared(writer, key, stored, width, height, fmt, meta) -> None:
-    meta = {**meta, "width": width, "height": height}
-    if fmt != "JPEG":
-        meta["orig_format"] = fmt.lower()
+def _write_prepared(writer: ShardWriter, key: str, stored: bytes, info: ImageInfo, meta: dict) -> None:
+    meta = {**meta, "width": info.width, "height": info.height}
+    if info.format != "JPEG":
+        meta["orig_format"] = info.format.lower()
+    if info.original_size:
+        meta["orig_width"], meta["orig_height"] = info.original_size
     writer.write(key, stored, meta)
 
 
@@ -114,59 +120,69 @@ def discover(src: str) -> tuple[str, str, list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare_file(path: str) -> tuple[bytes, int, int, str] | str:
-    """Worker: read and validate one file. Returns (jpeg, width, height, format) or a reason."""
+def _prepare_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_side: int = DEFAULT_MAX_SIDE) -> tuple[bytes, ImageInfo] | str:
+    """Worker: read and validate one file. Returns (jpeg, info) or the reason it is skipped."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
     try:
-        stored, info = to_stored_jpeg(data, name=path)
+        stored, info = to_stored_jpeg(data, name=path, max_pixels=max_pixels, max_side=max_side)
     except CorruptImage as exc:
         return exc.reason
-    return stored, info.width, info.height, info.format
+    return stored, info
 
 
-def _prepared(paths: list[str], workers: int) -> Iterator[tuple[bytes, int, int, str] | str]:
+def _prepared(paths: list[str], workers: int, **limits) -> Iterator[tuple[bytes, ImageInfo] | str]:
     """`_prepare_file` over `paths` in order, with a bounded window of work in flight."""
+    prepare = functools.partial(_prepare_file, **limits)
     if workers <= 1:
         for p in paths:
-            yield _prepare_file(p)
+            yield prepare(p)
         return
     window = workers * 8
     with cf.ProcessPoolExecutor(workers) as pool:
         pending: deque[cf.Future] = deque()
         it = iter(paths)
         for p in it:
-            pending.append(pool.submit(_prepare_file, p))
+            pending.append(pool.submit(prepare, p))
             if len(pending) >= window:
                 break
         while pending:
             yield pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_prepare_file, nxt))
+                pending.append(pool.submit(prepare, nxt))
 
 
 def import_images(src: str, out_uri: str, name: str | None = None, workers: int = 1,
-                  max_samples_per_shard: int = 1000, max_bytes: int = 256 << 20) -> dict[str, Any]:
-    """Import `src` (folder, glob, file or tar shards) into a dataset at `out_uri`; return stats."""
+                  max_samples_per_shard: int = 1000, max_bytes: int = 256 << 20,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> dict[str, Any]:
+    """Import `src` (folder, glob, file or tar shards) into a dataset at `out_uri`; return stats.
+
+    Images above `max_pixels` are skipped (likely decompression bombs); those whose longest side
+    is above `max_side` are downscaled to it (0: never), their input size kept as orig_width/height.
+    """
+    if max_pixels < 0 or max_side < 0:
+        raise ValueError(f"max_pixels and max_side must be >= 0, got {max_pixels} and {max_side}")
     mode, root, files = discover(src)
     log.info("import %s: %s with %d files -> %s", src, mode, len(files), out_uri)
-    extra = {"input": src, "input_mode": mode}
+    extra = {"input": src, "input_mode": mode, "max_pixels": max_pixels, "max_side": max_side}
+    limits = {"max_pixels": max_pixels, "max_side": max_side}
     with ShardWriter(out_uri, max_samples_per_shard, max_bytes,
                      created_by=f"dinoctl data import ({mode})", name=name,
                      extra_stats=extra) as writer:
         if mode == "shards":
-            _import_shards(writer, root, files)
+            _import_shards(writer, root, files, **limits)
         else:
-            _import_files(writer, root, files, labelled=mode == "imagefolder", workers=workers)
+            _import_files(writer, root, files, labelled=mode == "imagefolder", workers=workers, **limits)
     return writer.stats
 
 
 def _import_files(writer: ShardWriter, root: str, files: list[str], labelled: bool,
-                  workers: int) -> None:
+                  workers: int, **limits) -> None:
     images = []
     for rel in files:
         if _is_image(rel):
@@ -179,18 +195,18 @@ def _import_files(writer: ShardWriter, root: str, files: list[str], labelled: bo
     label_of = {c: i for i, c in enumerate(classes)}
     keys = KeyMaker()
     paths = [os.path.join(root, rel) for rel in images]
-    for rel, result in zip(images, _prepared(paths, workers)):
+    for rel, result in zip(images, _prepared(paths, workers, **limits)):
         if isinstance(result, str):
             writer.skip(rel, result)
             continue
-        stored, width, height, fmt = result
+        stored, info = result
         cls = rel.split(os.sep, 1)[0] if os.sep in rel and labelled else None
         meta = {"label": label_of.get(cls) if cls else None, "label_name": cls,
                 "source": rel.replace(os.sep, "/")}
-        _write_prepared(writer, keys(rel.replace(os.sep, "/")), stored, width, height, fmt, meta)
+        _write_prepared(writer, keys(rel.replace(os.sep, "/")), stored, info, meta)
 
 
-def _import_shards(writer: ShardWriter, root: str, files: list[str]) -> None:
+def _import_shards(writer: ShardWriter, root: str, files: list[str], **limits) -> None:
     keys = KeyMaker()
     for rel in files:
         if not rel.lower().endswith(".tar"):
@@ -205,12 +221,13 @@ def _import_shards(writer: ShardWriter, root: str, files: list[str]) -> None:
                         writer.skip(source, "no image member in the tar sample")
                         continue
                     meta = {k: v for k, v in sample.meta.items()
-                            if k not in ("key", "width", "height", "orig_format", "source")}
+                            if k not in ("key", "width", "height", "orig_format", "orig_width",
+                                         "orig_height", "source")}
                     meta["source"] = source
                     label = meta.get("label")
                     if label is not None and not isinstance(label, int):
                         writer.skip(source, f"label {label!r} is not an integer")
                         continue
-                    store_image(writer, keys(f"{sample.key}"), sample.image_bytes, meta)
+                    store_image(writer, keys(f"{sample.key}"), sample.image_bytes, meta, **limits)
         except storage.StorageError as exc:
             writer.skip(rel, str(exc).split(": ", 1)[-1])

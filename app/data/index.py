@@ -17,52 +17,21 @@ Index columns, one row per sample in shard order:
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections import OrderedDict
 from typing import Any, BinaryIO, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from app import storage
-from app.data.shards import INDEX_NAME, STATS_NAME, Sample, iter_samples
+from app.data.catalog import INDEX_SCHEMA, read_index, read_stats, write_index
+from app.data.shards import Sample, iter_samples
 
-INDEX_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("shard", pa.string()),
-    ("offset", pa.int64()),
-    ("size", pa.int64()),
-    ("sha256", pa.string()),
-    ("source", pa.string()),
-    ("label", pa.int64()),
-    ("label_name", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
+__all__ = ["INDEX_SCHEMA", "CorruptSample", "Dataset", "read_index", "read_stats", "shards_for_rank",
+           "write_index"]
 
 
 class CorruptSample(storage.StorageError):
     """A sample's stored bytes are not what the index recorded (sha256 mismatch, or the shard is
     shorter than the index says). The message names the sample and the shard."""
-
-
-def write_index(uri: str, rows: list[dict[str, Any]]) -> None:
-    """Write `rows` (dicts with the index columns) as parquet, atomically."""
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.put_bytes(uri, buf.getvalue())
-
-
-def read_index(dataset_uri: str) -> pa.Table:
-    """The index of a dataset as a pyarrow table (`.to_pylist()` for a list of dicts)."""
-    uri = storage.join(storage.to_uri(dataset_uri), INDEX_NAME)
-    data = storage.get_bytes(uri)
-    try:
-        return pq.read_table(io.BytesIO(data))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise storage.StorageError(f"{uri}: not a readable parquet index ({exc})") from None
 
 
 def shards_for_rank(shard_uris: list[str], rank: int, world_size: int) -> list[str]:
@@ -132,17 +101,6 @@ def _read_range_streaming(uri: str, offset: int, size: int) -> bytes:
         raise storage.RangeNotSatisfiable(
             f"{uri}: short read at offset {offset} ({len(data)}/{size} bytes)")
     return data
-
-
-def read_stats(dataset_uri: str) -> dict[str, Any]:
-    """`_stats.json` of a complete dataset; a clear error for one still being written."""
-    uri = storage.to_uri(dataset_uri).rstrip("/")
-    stats_uri = storage.join(uri, STATS_NAME)
-    if not storage.exists(stats_uri):
-        raise storage.StorageError(
-            f"{uri}: not a complete dataset (no {STATS_NAME}; still being written or its writer "
-            "failed)")
-    return storage.get_json(stats_uri)
 
 
 class Dataset:

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterable, Iterator
 
 from app import storage
+from app.data.catalog import INDEX_NAME, STATS_NAME, read_stats, write_index
 from app.data.tarstream import TarFormatError, iter_members
 
 log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
-INDEX_NAME = "index.parquet"
-STATS_NAME = "_stats.json"
 FORMAT_VERSION = 1
 IMAGE_EXT = "jpg"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -173,8 +172,6 @@ class ShardWriter:
             self._flush_shard()
         self._finished = True
         self._remove_stale_shards()
-        from app.data.index import write_index  # index.py imports this module
-
         write_index(storage.join(self.uri, INDEX_NAME), self.rows)
         stats = self._stats()
         storage.put_json(storage.join(self.uri, STATS_NAME), stats)
@@ -353,8 +350,6 @@ def iter_samples(dataset_uri: str, shards: Iterable[str] | None = None) -> Itera
     """
     base = storage.to_uri(dataset_uri).rstrip("/")
     if shards is None:
-        from app.data.index import read_stats
-
         shards = read_stats(base).get("shards", [])
     for shard in shards:
         uri = shard if "://" in shard else storage.join(base, shard)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from app import storage
+from app.progress import format_progress
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,9 @@ def extract_features(model: nn.Module, dataset_uri: str, image_size: int = 224, 
         now = time.monotonic()
         if now - last_log >= _LOG_EVERY_S or done == total:
             last_log = now
-            log.info("features %s: %d/%d images, %.1f images/s", dataset.uri, done, total,
-                     done / max(now - started, 1e-9))
+            log.info("features %s: %s", dataset.uri, format_progress(
+                "eval.features", done, total, "images", now - started,
+                **{"img/s": done / max(now - started, 1e-9)}))
 
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         pending = None

@@ -9,9 +9,11 @@ stage process attaches its own child run through `DINOCTL_PARENT_RUN_ID`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any, Callable
 from app import storage
 from app.config import Config, ConfigError, apply_overrides, dump_yaml
 from app.pipeline.stages import REGISTRY, Stage, synth_marker, synth_uri
+from app.progress import ProgressView, parse_progress
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,13 @@ def plan(cfg: Config, registry: dict[str, Stage], force: set[str]) -> list[Stage
 
 class Pipeline:
     def __init__(self, cfg: Config, executor, home: str | Path, registry: dict[str, Stage] | None = None,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, progress: ProgressView | None = None):
         self.cfg = cfg
         self.executor = executor
         self.home = Path(home)
         self.registry = registry or REGISTRY
         self.echo = echo
+        self.progress = progress or ProgressView()
 
     def run(self, force: set[str] | None = None) -> list[StageResult]:
         cfg, force = self.cfg, set(force or ())
@@ -161,7 +165,8 @@ class Pipeline:
         started = time.monotonic()
         r.job = self.executor.submit(spec)
         self.echo(f"{r.name}: running job {r.job}  (dinoctl logs {r.job} --follow)")
-        status = self.executor.wait(r.job)
+        with follow_progress(self.executor, r.job, self.progress):
+            status = self.executor.wait(r.job)
         r.seconds = time.monotonic() - started
         if status.phase != "Succeeded":
             r.status, r.detail = "failed", f"job {r.job} {status.phase}: {status.reason}"
@@ -172,6 +177,36 @@ class Pipeline:
         else:
             r.status, r.metric = "ran", _metric_text(stage, self.cfg)
         self.echo(f"{r.name}: {r.status} in {r.seconds:.1f} s" + (f" ({r.detail})" if r.detail else ""))
+
+
+@contextlib.contextmanager
+def follow_progress(executor, job: str, view: ProgressView, retry_s: float = 5.0):
+    """While the block runs, follow the job's master log and show its newest progress line
+    (app/progress.py). Showing progress never fails the stage: a log that cannot be read yet
+    (no pod scheduled) is tried again every `retry_s`."""
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.is_set():
+            try:
+                for line in executor.logs(job, follow=True):
+                    if stop.is_set():
+                        return
+                    if (p := parse_progress(line)) is not None:
+                        view.show(p)
+                return  # the job ended
+            except Exception as exc:  # noqa: BLE001 - the log is a view, not the stage
+                log.debug("progress of %s: %s", job, exc)
+            stop.wait(retry_s)
+
+    thread = threading.Thread(target=follow, name=f"progress-{job}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2.0)
+        view.clear()
 
 
 class _ParentRun:

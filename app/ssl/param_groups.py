@@ -101,10 +101,11 @@ def get_params_groups(
     return list(groups.values())
 
 
-def apply_schedules(optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
+def apply_schedules(param_groups: Iterable[dict], lr: float, wd: float, last_layer_lr: float) -> None:
     """Set every group's lr = (last_layer_lr if is_last_layer else lr) * lr_multiplier and
-    weight_decay = wd * wd_multiplier (groups without multipliers count as 1, not last layer)."""
-    for group in optimizer.param_groups:
+    weight_decay = wd * wd_multiplier (groups without multipliers count as 1, not last layer).
+    `param_groups`: an optimizer's `param_groups` (torch's, or the one DeepSpeed wraps)."""
+    for group in param_groups:
         base = last_layer_lr if group.get("is_last_layer", False) else lr
         group["lr"] = base * group.get("lr_multiplier", 1.0)
         group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)

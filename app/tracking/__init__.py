@@ -6,16 +6,8 @@
 """
 
 from app.tracking.registry import get_version_by_alias, set_alias
-from app.tracking.tracker import (
-    NullTracker,
-    Tracker,
-    dinoctl_home,
-    embedded_store,
-    get_tracker,
-    global_rank,
-    standard_tags,
-    tracking_uri,
-)
+from app.tracking.store import dinoctl_home, embedded_store, tracking_uri
+from app.tracking.tracker import NullTracker, Tracker, get_tracker, global_rank, standard_tags
 
 __all__ = [
     "NullTracker", "Tracker", "dinoctl_home", "embedded_store", "get_tracker", "global_rank",

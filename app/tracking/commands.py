@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def ui_command(host: str, port: int) -> list[str]:
-    from app.tracking.tracker import dinoctl_home, embedded_store
+    from app.tracking.store import dinoctl_home, embedded_store
 
     store, artifacts = embedded_store()
     dinoctl_home().mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.tracking.store import tracking_uri
+
 
 def _client(uri: str | None):
     from mlflow.tracking import MlflowClient
-
-    from app.tracking.tracker import tracking_uri
 
     return MlflowClient(tracking_uri=uri or tracking_uri(), registry_uri=uri or tracking_uri())
 

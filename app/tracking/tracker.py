@@ -24,22 +24,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from app.tracking import params as P
+from app.tracking.registry import register_version
+from app.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, embedded_store, tracking_uri
 
 log = logging.getLogger(__name__)
-
-
-def dinoctl_home() -> Path:
-    return Path(os.environ.get("DINOCTL_HOME") or Path.cwd() / ".dinoctl").resolve()
-
-
-def embedded_store() -> tuple[str, str]:
-    """`(backend store URI, artifact root URI)` of the embedded default."""
-    home = dinoctl_home()
-    return f"sqlite:///{home / 'mlflow.db'}", (home / "mlartifacts").as_uri()
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_store()[0]
 
 
 def global_rank() -> int:
@@ -112,6 +100,9 @@ class Tracker:
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                # made before dinoctl set the kind (or by hand): MLflow would open it as GenAI
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         if not self.uri.startswith(("http://", "https://")):
@@ -119,7 +110,8 @@ class Tracker:
             location = embedded_store()[1]
             Path(location[len("file://"):]).mkdir(parents=True, exist_ok=True)
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(self.experiment, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # another rank or stage created it first
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -260,8 +252,6 @@ class Tracker:
     def register_model(self, name: str, artifact_path: str, alias: str | None = None,
                        tags: dict | None = None, description: str | None = None) -> str:
         """Register `runs:/<run>/<artifact_path>` as a new version of `name`; returns the version."""
-        from app.tracking.registry import register_version
-
         return register_version(self.client, name, f"runs:/{self._need_run()}/{artifact_path}",
                                 run_id=self.run_id, alias=alias, tags=tags, description=description)
 

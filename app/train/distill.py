@@ -234,7 +234,8 @@ def _distill(cfg: Config, d) -> int:
 
     parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype)
     lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
-                                {"config_hash": config_hash(cfg), "distill_teacher": teacher.source})
+                                {"config_hash": config_hash(cfg), "distill_teacher": teacher.source},
+                                stage="distill")
     sample_log = sample_log_from_env(d.rank)
     t_info, s_info = describe(teacher.network), describe(student)
     log.info("distill %s: teacher %s (%s, %.1fM backbone params) -> student %s d%d x%d (%.1fM), "

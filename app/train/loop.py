@@ -106,10 +106,11 @@ class LoopConfig:
     device: torch.device
     global_batch: int
     extra_state: dict[str, Any] = field(default_factory=dict)
+    stage: str = "pretrain"  # names the progress lines
 
     @classmethod
     def from_config(cls, cfg: Any, d: Any, zero_stage: int, total_steps: int,
-                    extra_state: dict[str, Any]) -> "LoopConfig":
+                    extra_state: dict[str, Any], stage: str = "pretrain") -> "LoopConfig":
         """The loop settings of a run: cfg's run/train sections, d the distributed info."""
         return cls(
             store=cfg.run.store, run_name=cfg.run.name, total_steps=total_steps,
@@ -117,6 +118,7 @@ class LoopConfig:
             keep_checkpoints=cfg.train.keep_checkpoints, log_every=cfg.train.log_every,
             world_size=d.world_size, zero_stage=zero_stage, rank=d.rank, device=d.device,
             global_batch=cfg.train.batch_size_per_gpu * d.world_size, extra_state=extra_state,
+            stage=stage,
         )
 
 
@@ -133,7 +135,7 @@ def train_loop(parts: TrainParts, loader: MultiCropLoader, lc: LoopConfig, start
                log_metrics: Callable[[dict[str, float], int], None], stop: StopFlag,
                sample_log: Callable[[int, list[str], dict[str, float]], None] | None = None) -> LoopResult:
     timer, overall = StepTimer(), StepTimer()
-    progress = Progress(lc.total_steps, start_step, lc.log_every, enabled=lc.rank == 0)
+    progress = Progress(lc.total_steps, start_step, lc.log_every, enabled=lc.rank == 0, stage=lc.stage)
     values: dict[str, float] = {}
     step = start_step
     try:

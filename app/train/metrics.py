@@ -55,10 +55,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Progress:
-    """tqdm on a TTY (rank 0 only), else a log line every `log_every` steps."""
+    """tqdm on a TTY (rank 0 only), else a progress line (app/progress.py) every `log_every`
+    steps, which `dinoctl pipeline run` shows live."""
 
-    def __init__(self, total: int, start: int, log_every: int, enabled: bool):
-        self.total, self.log_every, self.enabled = total, max(log_every, 1), enabled
+    def __init__(self, total: int, start: int, log_every: int, enabled: bool, stage: str = "pretrain"):
+        self.total, self.log_every, self.enabled, self.stage = total, max(log_every, 1), enabled, stage
         self.bar = None
         self.started = time.monotonic()
         self.start = start
@@ -78,15 +79,15 @@ class Progress:
                                  lr=f"{values.get('lr', 0.0):.2e}")
             return
         if done % self.log_every == 0 or done == self.total:
-            elapsed = time.monotonic() - self.started
-            rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
-            log.info("step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e "
-                     "%.1f img/s data-wait %.0f%% eta %.0f s", done, self.total,
-                     values.get("total_loss", float("nan")),
-                     values.get("dino_local_crops_loss", 0.0) + values.get("dino_global_crops_loss", 0.0),
-                     values.get("ibot_loss", 0.0), values.get("koleo_loss", 0.0), values.get("lr", 0.0),
-                     values.get("images_per_s", 0.0), 100 * values.get("data_wait_fraction", 0.0), eta)
+            from app.progress import format_progress
+
+            dino = values.get("dino_local_crops_loss", 0.0) + values.get("dino_global_crops_loss", 0.0)
+            log.info("%s", format_progress(
+                self.stage, done, self.total, "steps", time.monotonic() - self.started, self.start,
+                loss=float(values.get("total_loss", float("nan"))), dino=float(dino),
+                ibot=float(values.get("ibot_loss", 0.0)), koleo=float(values.get("koleo_loss", 0.0)),
+                lr=float(values.get("lr", 0.0)), **{"img/s": float(values.get("images_per_s", 0.0))},
+                data_wait=f"{100 * values.get('data_wait_fraction', 0.0):.0f}%"))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -166,9 +166,12 @@ def stage_tracking(cfg: Config, stage: str = "pretrain"):
     most the metrics of the outage, never the training run, and never blocks a step."""
     from app.tracking import get_tracker
     from app.tracking.buffered import buffered_run
+    from app.tracking.system_metrics import system_metrics
 
     with buffered_run(get_tracker(), stage, config=cfg) as tracker:
-        yield tracker
+        interval = cfg.train.system_metrics_interval_s if getattr(tracker, "enabled", False) else 0
+        with system_metrics(tracker.log_metrics, interval):
+            yield tracker
 
 
 def setup_logging(rank: int) -> None:

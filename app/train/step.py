@@ -10,7 +10,6 @@ lets the engine do backward + clipping + the optimizer step, then moves the EMA 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,8 +38,7 @@ def train_step(parts: TrainParts, batch: dict, step: int) -> dict[str, float]:
     """Run step `step` on `batch` (already on the device); return the rank-averaged loss terms
     and the schedule values used."""
     s = parts.schedules.at(step)
-    apply_schedules(SimpleNamespace(param_groups=optimizer_param_groups(parts.engine)),
-                    s.lr, s.wd, s.last_layer_lr)
+    apply_schedules(optimizer_param_groups(parts.engine), s.lr, s.wd, s.last_layer_lr)
     teacher_out = parts.meta.get_teacher_output(batch, s.teacher_temp, parts.compute_dtype)
     student_out = parts.meta.get_student_output(parts.engine, batch, parts.compute_dtype)
     losses = parts.meta.compute_losses(student_out, teacher_out, batch)

@@ -103,6 +103,16 @@ def test_report_has_counts_and_figures(curated, capsys):
     assert {"embed:pool", "dedup:self", "dedup:relative", "cluster", "materialize"} <= set(stages)
     for fig in ("dedup_component_sizes.png", "cluster_sizes.png", "dedup_groups.png", "cluster_samples.png"):
         assert storage.get_bytes(run.uri("report", fig))[:4] == b"\x89PNG"
+    # the report is one HTML page with the counts and every figure inline, also in MLflow
+    page = storage.get_bytes(run.uri("report", "report.html")).decode()
+    assert page.count("data:image/png;base64,") == 4 and "dedup:relative" in page
+    from mlflow.tracking import MlflowClient
+
+    home = store[len("file://"):].rsplit("/store", 1)[0]  # the fixture's sqlite store
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    logged = {a.path for r in runs for a in client.list_artifacts(r.info.run_id, "curation")}
+    assert "curation/report.html" in logged
     from app.cli import main as cli_main
 
     assert cli_main(["curate", "report", "t", "--set", f"run.store={store}"]) == 0

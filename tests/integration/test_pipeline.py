@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from app.config import load_config
 from app.launch.local import LocalExecutor
 from app.pipeline.runner import Pipeline, plan, summary_table
 from app.pipeline.stages import Stage, _eval_inputs, store_uri, synth_uri
+from app.progress import ProgressView
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,8 +43,13 @@ def cfg(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_pipeline_runs_available_stages_and_a_second_run_is_a_noop(tmp_path, cfg):
     ex = LocalExecutor(home=tmp_path / "home", workdir=REPO, detach=False)
-    first = Pipeline(cfg, ex, home=tmp_path / "home", registry=registry(), echo=lambda s: None).run()
+    shown = io.StringIO()
+    first = Pipeline(cfg, ex, home=tmp_path / "home", registry=registry(), echo=lambda s: None,
+                     progress=ProgressView(shown, every_s=3600, tty=False)).run()
     by_name = {r.name: r for r in first}
+    # the running stage's progress, read from its log: here (no terminal) the finished line
+    # (an earlier one is shown only when every_s has passed since the last)
+    assert "eval  3/3 steps (100%)  loss=0.3333  eta 0s" in shown.getvalue().splitlines()
     assert by_name["synth"].status == "ran"
     assert storage.exists(storage.join(synth_uri(cfg), "eval_val", "_stats.json"))
     assert by_name["probe"].status == "ran", by_name["probe"].detail

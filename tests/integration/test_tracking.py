@@ -53,6 +53,9 @@ def _check_run(tracker: Tracker, parent_id: str, child_id: str, version: str, mo
     assert str(mv.version) == version and mv.run_id == child_id
     set_alias(model_name, "champion", version, uri=tracker.uri)
     assert str(tracker.get_version_by_alias(model_name, "champion").version) == version
+    # MLflow opens the experiment on its model-training view (its GenAI one without this tag)
+    experiment = client.get_experiment(child.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_run_params_metrics_artifacts_and_model_on_server(mlflow_server, s3_env, tmp_path):
@@ -91,3 +94,15 @@ def test_failed_stage_marks_run_failed_and_parent_comes_from_env(embedded_mlflow
     assert child.info.status == "FAILED"
     assert child.data.tags["mlflow.parentRunId"] == parent_id
     assert child.data.tags["job_name"] == "pretrain-abc"
+
+
+def test_an_experiment_made_without_a_kind_gets_the_model_training_kind(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    name = f"exp-{uuid.uuid4().hex[:6]}"
+    exp_id = MlflowClient(tracking_uri=mlflow_server.uri).create_experiment(name)  # as before
+    tracker = Tracker(uri=mlflow_server.uri, experiment=name)
+    with tracker.start("eval"):
+        pass
+    tags = tracker.client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"

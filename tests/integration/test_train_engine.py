@@ -150,6 +150,14 @@ def test_metrics_and_resolved_config_go_to_mlflow(uninterrupted):
         # (step 0 may hold the end-of-run summary's value of the same name)
         history = [m for m in client.get_metric_history(run.info.run_id, name) if m.step > 0]
         assert [m.step for m in history] == list(range(1, STEPS + 1)), name
+    # system metrics for MLflow's System metrics tab (a reading at the start, then every 10 s)
+    for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                 "system/system_memory_usage_percentage", "system/disk_usage_percentage"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    assert 0 < run.data.metrics["system/system_memory_usage_megabytes"]
+    # the experiment opens on MLflow's model-training view, not the GenAI one
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -166,7 +166,8 @@ def test_dinoctl_home_moves_the_default_store_to_a_writable_place(tmp_path, monk
     assert cfg.train.dataset.startswith(cfg.run.store + "/")
 
 
-def test_without_settings_the_store_is_the_embedded_default():
+def test_without_settings_the_store_is_the_embedded_default(monkeypatch):
+    monkeypatch.delenv("DINOCTL_HOME", raising=False)  # the suite's own home (tests/conftest.py)
     assert load_config("demo").run.store == "file://./.dinoctl/store"
     assert load_config("demo").train.dataset == "file://./.dinoctl/store/datasets/synth/pool"
 

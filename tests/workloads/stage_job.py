@@ -25,6 +25,11 @@ def main(argv: list[str]) -> None:
     cfg = load_config(args.config)
     summary = {"knn_top1": 0.75, "eval_train": cfg.eval.train, "eval_val": cfg.eval.val,
                "parent_run_id": os.environ.get("DINOCTL_PARENT_RUN_ID", "")}
+    from app.progress import format_progress
+
+    for done in (1, 2, 3):  # what a real stage logs while it works
+        print(format_progress(args.stage, done, 3, "steps", elapsed_s=done * 0.5, loss=1.0 / done),
+              file=sys.stderr, flush=True)
     with get_tracker().start(args.stage, config=cfg) as run:
         run.log_metrics({"knn_top1": summary["knn_top1"]})
         summary["run_id"] = run.run_id

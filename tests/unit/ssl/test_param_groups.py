@@ -92,7 +92,7 @@ def test_apply_schedules_sets_lr_and_wd_per_group():
     model = student()
     groups = get_params_groups(model, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
     opt = torch.optim.AdamW(groups, lr=0.0)
-    apply_schedules(opt, lr=1e-3, wd=0.04, last_layer_lr=0.0)
+    apply_schedules(opt.param_groups, lr=1e-3, wd=0.04, last_layer_lr=0.0)
     for g in opt.param_groups:
         if g["is_last_layer"]:
             assert g["lr"] == 0.0
