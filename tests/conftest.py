@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests must never talk to a tracking server or object store from the developer's shell.
 for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DINOCTL_PARENT_RUN_ID",
               "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_CREDENTIALS_DIR",
-              "DINOCTL_STORE", "DINOCTL_CONFIG_DIR"):
+              "DINOCTL_STORE", "DINOCTL_CONFIG_DIR", "DINOCTL_TRACKING"):
     os.environ.pop(_name, None)
 
 from tests.guard import UserStateGuard  # noqa: E402

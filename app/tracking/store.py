@@ -24,3 +24,9 @@ def embedded_store() -> tuple[str, str]:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or embedded_store()[0]
+
+
+def tracking_enabled() -> bool:
+    """False when `DINOCTL_TRACKING` is `off` (or 0/false/no): stages then log nothing to MLflow
+    (a quick run without a tracking store; `register` still needs one)."""
+    return os.environ.get("DINOCTL_TRACKING", "on").strip().lower() not in ("off", "0", "false", "no")

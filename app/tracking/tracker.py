@@ -25,7 +25,8 @@ from typing import Any, Iterator
 
 from app.tracking import params as P
 from app.tracking.registry import register_version
-from app.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, embedded_store, tracking_uri
+from app.tracking.store import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, embedded_store, tracking_enabled,
+                                 tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -283,4 +284,5 @@ class NullTracker:
 
 
 def get_tracker(uri: str | None = None, experiment: str | None = None) -> Tracker | NullTracker:
-    return Tracker(uri, experiment) if global_rank() == 0 else NullTracker()
+    """Global rank 0's tracker; a NullTracker elsewhere, and everywhere with DINOCTL_TRACKING=off."""
+    return Tracker(uri, experiment) if global_rank() == 0 and tracking_enabled() else NullTracker()

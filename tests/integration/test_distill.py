@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.services import embedded_mlflow_home
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +78,7 @@ def _distill(store: Path, tmp: Path, run: str, *extra: str, stage: int = 3) -> s
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DINOCTL_STAGING=str(tmp / "staging"),
-               DINOCTL_HOME=str(tmp / "home"), DINOCTL_SAMPLE_LOG=str(tmp / f"samples-{run}"),
+               DINOCTL_HOME=str(embedded_mlflow_home(tmp / "home")), DINOCTL_SAMPLE_LOG=str(tmp / f"samples-{run}"),
                PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

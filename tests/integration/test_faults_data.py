@@ -70,14 +70,24 @@ def test_a_truncated_shard_on_s3_is_skipped_and_counted(tmp_path, s3_env, s3_ser
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A 6-step run that kept its checkpoints at steps 2, 4 and 6."""
+    """A 6-step run that kept its checkpoints at steps 2, 4 and 6 (left as it is: tests damage
+    copies of it, from `damaged_copy`)."""
     tmp = tmp_path_factory.mktemp("ckpt-damage")
     store = (tmp / "store").as_uri()
     pool = synth_pool(store)
     job = TrainJob(tmp, "damaged", pool, store, steps=6, checkpoint_every=2,
                    sets={"train.keep_checkpoints": 3})
     assert job.run_to_end() == 0, job.tail()
-    return tmp, store, pool, job.losses(0)
+    return tmp, job.losses(0)
+
+
+@pytest.fixture
+def damaged_copy(finished, tmp_path):
+    """This test's own copy of the finished run's store: `(tmp, store URI, pool URI, losses)`."""
+    src, losses = finished
+    shutil.copytree(src / "store", tmp_path / "store")
+    store = (tmp_path / "store").as_uri()
+    return tmp_path, store, f"{store}/datasets/synth/pool", losses
 
 
 def _ckpt(tmp: Path, tag: str) -> Path:
@@ -88,57 +98,46 @@ def _biggest(d: Path) -> Path:
     return max((p for p in d.iterdir() if p.name != MANIFEST_FILE), key=lambda p: p.stat().st_size)
 
 
-def test_resume_falls_back_from_a_checkpoint_with_a_deleted_file_and_says_so(finished, caplog):
-    tmp, store, pool, losses = finished
+def test_resume_falls_back_from_a_checkpoint_with_a_deleted_file_and_says_so(damaged_copy, caplog):
+    tmp, store, pool, losses = damaged_copy
     victim = _biggest(_ckpt(tmp, "step-00000006"))
-    backup = tmp / "backup-6"
-    shutil.copytree(_ckpt(tmp, "step-00000006"), backup)
     victim.unlink()
-    try:
-        with caplog.at_level("WARNING"):
-            chosen = resolve_resume("auto", store, "damaged")
-        assert chosen.endswith("/step-00000004")
-        assert victim.name in caplog.text and "resuming from step-00000004" in caplog.text
-        truncated = _biggest(_ckpt(tmp, "step-00000004"))
-        truncated.write_bytes(truncated.read_bytes()[:100])
-        assert resolve_resume("auto", store, "damaged").endswith("/step-00000002")
-        for tag in ("step-00000002",):
-            (_ckpt(tmp, tag) / MANIFEST_FILE).unlink()
-            (_ckpt(tmp, tag) / "train_state.json").unlink()
-        with pytest.raises(CheckpointCorrupt, match=victim.name):
-            resolve_resume("auto", store, "damaged")
-    finally:
-        for tag in ("step-00000002", "step-00000004", "step-00000006"):
-            shutil.rmtree(_ckpt(tmp, tag), ignore_errors=True)
+    with caplog.at_level("WARNING"):
+        chosen = resolve_resume("auto", store, "damaged")
+    assert chosen.endswith("/step-00000004")
+    assert victim.name in caplog.text and "resuming from step-00000004" in caplog.text
+    truncated = _biggest(_ckpt(tmp, "step-00000004"))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    assert resolve_resume("auto", store, "damaged").endswith("/step-00000002")
+    (_ckpt(tmp, "step-00000002") / MANIFEST_FILE).unlink()
+    (_ckpt(tmp, "step-00000002") / "train_state.json").unlink()
+    with pytest.raises(CheckpointCorrupt, match=victim.name):
+        resolve_resume("auto", store, "damaged")
 
 
-def test_a_resumed_job_skips_the_damaged_checkpoint_and_lands_on_the_same_trajectory(tmp_path):
-    store = (tmp_path / "store").as_uri()
-    pool = synth_pool(store)
-    job = TrainJob(tmp_path, "fallback", pool, store, steps=6, checkpoint_every=2,
+def test_a_resumed_job_skips_the_damaged_checkpoint_and_lands_on_the_same_trajectory(damaged_copy):
+    tmp, store, pool, want = damaged_copy
+    job = TrainJob(tmp, "damaged", pool, store, steps=6, checkpoint_every=2,
                    sets={"train.keep_checkpoints": 3})
-    assert job.run_to_end() == 0, job.tail()
-    want = job.losses(0)
-    last = tmp_path / "store/runs/fallback/checkpoints/step-00000006"
+    last = _ckpt(tmp, "step-00000006")
     victim = _biggest(last)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    shutil.rmtree(tmp_path / "store/runs/fallback/export")
+    shutil.rmtree(tmp / "store/runs/damaged/export")
     assert job.run_to_end("--resume", "auto") == 0, job.tail()
     log = job.tail(500_000)
     assert "LATEST names step-00000006, which is not whole" in log and victim.name in log
     got = job.losses(0)
+    assert sorted(got) == [4, 5]  # resumed from step 4, the newest whole checkpoint
     assert [got[s] for s in (4, 5)] == pytest.approx([want[4], want[5]], abs=1e-6)
 
 
-def test_a_checkpoint_file_changed_in_place_is_refused_with_one_line(tmp_path):
-    store = (tmp_path / "store").as_uri()
-    pool = synth_pool(store)
-    job = TrainJob(tmp_path, "altered", pool, store, steps=2, checkpoint_every=2)
-    assert job.run_to_end() == 0, job.tail()
-    state = tmp_path / "store/runs/altered/checkpoints/step-00000002/train_state.json"
+def test_a_checkpoint_file_changed_in_place_is_refused_with_one_line(damaged_copy):
+    tmp, store, pool, _ = damaged_copy
+    state = _ckpt(tmp, "step-00000006") / "train_state.json"
     text = state.read_text()
-    state.write_text(text.replace('"step": 2', '"step": 9'))  # same size, other content
-    job.steps = 4
+    assert '"step": 6' in text
+    state.write_text(text.replace('"step": 6', '"step": 9'))  # same size, other content
+    job = TrainJob(tmp, "damaged", pool, store, steps=8, checkpoint_every=2)
     assert job.run_to_end("--resume", "auto") == 1, job.tail()
     errors = [line for line in job.tail().splitlines() if "pretrain: error:" in line]
     assert errors and "train_state.json" in errors[-1] and "sha256" in errors[-1], job.tail()

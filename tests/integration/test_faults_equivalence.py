@@ -45,13 +45,14 @@ def both(tmp_path_factory, s3_server):
 
 @pytest.fixture(scope="module")
 def pretrained(both, s3_server):
-    """Pretraining: file:// (2 ranks, no workers) against S3 (2 ranks x 2 and x 4 workers)."""
+    """Pretraining: file:// (2 ranks, no workers) against S3 (2 ranks x 2 workers: 4 reading
+    processes; more workers only add contention on 2 cores, scripts/bench/data_read.py measures
+    0/2/4)."""
     root = both["root"]
     runs = {}
     for name, pool, store, workers, env in (
             ("file-w0", both["pool"], both["local"], 0, {}),
-            ("s3-w2", both["s3_pool"], both["remote"], 2, s3_server.env),
-            ("s3-w4", both["s3_pool"], both["remote"], 4, s3_server.env)):
+            ("s3-w2", both["s3_pool"], both["remote"], 2, s3_server.env)):
         job = TrainJob(root, name, pool, store, nproc=2, workers=workers, steps=STEPS,
                        checkpoint_every=2, env=env)
         assert job.run_to_end() == 0, job.tail()
@@ -61,7 +62,7 @@ def pretrained(both, s3_server):
 
 def test_pretraining_from_s3_with_workers_matches_file(pretrained):
     ref = pretrained["file-w0"]
-    for name in ("s3-w2", "s3-w4"):
+    for name in ("s3-w2",):
         for rank in (0, 1):
             got, want = pretrained[name].samples(rank), ref.samples(rank)
             assert [r["keys"] for r in got] == [r["keys"] for r in want], name

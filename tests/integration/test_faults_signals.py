@@ -191,6 +191,10 @@ def test_one_rank_sigkilled_the_group_restarts_and_resumes_on_the_same_trajector
             ex.cancel(name)
     assert status.phase == "Succeeded", status.reason
     assert status.restarts == 1
+    summary = json.loads((root / "store" / "runs" / run / "export" / "summary.json").read_text())
+    assert (summary["steps"], summary["world_size"]) == (STEPS, 2)
+    log = (tmp_path / "home" / "jobs" / name / "master-0.log").read_text()
+    assert "resumed from" in log.split("attempt 2")[1]  # the restarted group continued from LATEST
 
     for rank in (0, 1):
         rows = [json.loads(line) for line in

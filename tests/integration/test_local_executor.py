@@ -289,28 +289,6 @@ def test_rerun_clones_the_spec_under_a_new_name_and_resumes(tmp_path, home, caps
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_real_pretraining_job_survives_a_sigkilled_replica_and_resumes_from_latest(tmp_path, home):
-    from tests.workloads import pretrain_case as case
-
-    if not case.pretraining_available():
-        pytest.skip("app/train/run.py (the pretraining stage) is not built yet")
-    store = tmp_path / "store"
-    dataset = case.synth_tiny(store)
-    ex = LocalExecutor(home=home, workdir=REPO)
-    name = ex.submit(case.pretrain_spec("pt-kill", store, dataset, tmp_path / "staging"))
-    wait_for(case.latest_path(store, name), timeout=300)
-    os.kill(ex.store.record(name)["replicas"]["worker-0"]["pid"], signal.SIGKILL)
-    status = ex.wait(name, timeout=400)
-
-    assert status.phase == "Succeeded", status.reason
-    assert status.restarts == 1
-    assert case.export_success(store, name).exists()
-    summary = json.loads((store / "runs" / name / "export" / "summary.json").read_text())
-    assert summary["steps"] == case.STEPS and summary["world_size"] == 2
-    log = (home / "jobs" / name / "master-0.log").read_text()
-    second_attempt = log.split("attempt 2")[1]
-    assert "resumed from" in second_attempt  # the restarted group continued from LATEST
 
 
 def test_a_replica_that_cannot_start_fails_the_job_with_the_reason(tmp_path, home):

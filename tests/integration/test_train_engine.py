@@ -2,22 +2,23 @@
 the synthetic data set, real storage, real checkpoints.
 
 Each run is `torchrun -m app.entry pretrain --config configs/demo.yaml --set ...` with 42 px
-global crops (3x3 patches, so iBOT masks exist), 14 px local crops and 4 steps.
+global crops (3x3 patches, so iBOT masks exist), 14 px local crops and 4 steps. A job killed
+(SIGKILL) or stopped (SIGTERM) and resumed: tests/integration/test_faults_signals.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.services import embedded_mlflow_home
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,7 @@ def _cmd(store: Path, run: str, stage: int, *extra: str, nproc: int = 2) -> list
 
 def _env(tmp: Path, run: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DINOCTL_STAGING=str(tmp / "staging"),
-               DINOCTL_HOME=str(tmp / "home"), DINOCTL_SAMPLE_LOG=str(tmp / f"samples-{run}"),
+               DINOCTL_HOME=str(embedded_mlflow_home(tmp / "home")), DINOCTL_SAMPLE_LOG=str(tmp / f"samples-{run}"),
                PYTHONPATH=str(REPO))
     return env
 
@@ -160,7 +161,7 @@ def test_metrics_and_resolved_config_go_to_mlflow(uninterrupted):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2: every fault test resumes it; ZeRO-1 shares its optimizer code
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(uninterrupted, synth_store, stage):
     """Start a new run from the step-2 checkpoint of the uninterrupted one: same steps 2-3."""
     full = uninterrupted[stage]
@@ -175,34 +176,6 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(uninterrupted
         for got, want in zip(resumed, full["samples"][rank][2:]):
             assert got["keys"] == want["keys"]
             assert got["losses"]["total_loss"] == pytest.approx(want["losses"]["total_loss"], abs=1e-6)
-
-
-def test_sigkill_after_checkpoint_then_resume_auto_matches_uninterrupted(uninterrupted, synth_store):
-    full = uninterrupted[2]
-    tmp = full["tmp"]
-    run = "killed-z2"
-    latest = synth_store / "runs" / run / "checkpoints" / "LATEST"
-    proc = subprocess.Popen(_cmd(synth_store, run, 2, "--set", "train.max_steps=4"), cwd=REPO,
-                            env=_env(tmp, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert latest.exists(), "no checkpoint appeared"
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun tree, no chance to clean up
-    finally:
-        proc.wait(timeout=30)
-    assert not (synth_store / "runs" / run / "export" / "_SUCCESS").exists()
-    _train(synth_store, tmp, run, 2, "--resume", "auto")
-    assert _max_diff(full["export"], _export(synth_store, run)) <= 1e-6
-    for rank in (0, 1):
-        rows = {r["step"]: r for r in _samples(tmp, run, rank)}  # later rows win (the resumed run)
-        assert sorted(rows) == list(range(STEPS))
-        for step in range(STEPS):
-            assert rows[step]["keys"] == full["samples"][rank][step]["keys"]
-            assert rows[step]["losses"]["total_loss"] == pytest.approx(
-                full["samples"][rank][step]["losses"]["total_loss"], abs=1e-6)
 
 
 def test_nan_loss_stops_with_a_message_naming_step_and_term(synth_store, tmp_path):
@@ -220,27 +193,4 @@ def test_nan_loss_stops_with_a_message_naming_step_and_term(synth_store, tmp_pat
     latest = read_latest(synth_store.as_uri(), run)
     # only finite states were checkpointed: the last checkpoint is the step before the NaN
     assert latest == (f"step-{step:08d}" if step > 0 else None)
-    assert not (synth_store / "runs" / run / "export").exists()
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_with_a_retryable_code(synth_store, tmp_path):
-    """What Kubernetes does before killing a pod: SIGTERM to PID 1 (torchrun)."""
-    run = "preempted"
-    samples = tmp_path / f"samples-{run}.rank0.jsonl"
-    proc = subprocess.Popen(_cmd(synth_store, run, 1, "--set", "train.max_steps=40",
-                                 "--set", "train.checkpoint_every=1000"),
-                            cwd=REPO, env=_env(tmp_path, run), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while not samples.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    from app.train.checkpoint import read_latest
-    from app.train.loop import PREEMPTED_EXIT_CODE
-
-    assert "exiting with %d" % PREEMPTED_EXIT_CODE in out, out[-4000:]
-    assert proc.returncode != 0  # never "Succeeded": the job must be retried
-    tag = read_latest(synth_store.as_uri(), run)
-    assert tag is not None and 0 < int(tag.split("-")[1]) < 40
     assert not (synth_store / "runs" / run / "export").exists()

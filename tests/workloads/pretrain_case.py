@@ -1,8 +1,7 @@
 """The real pretraining stage as an executor test case: a tiny ViT on a tiny synthetic set.
 
-`pretrain_spec` is a 2-replica x 1-process JobSpec of `torchrun -m app.entry pretrain`, sized to
-checkpoint every 2 of 6 steps, so a test can SIGKILL a replica after the first LATEST appears and
-watch the job resume from it.
+`pretrain_spec` is a 2-replica x 1-process JobSpec of `torchrun -m app.entry pretrain` that
+checkpoints every 2 of 6 steps.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ def test_only_rank_zero_gets_a_real_tracker(monkeypatch, dinoctl_home):
     assert not (dinoctl_home / "mlflow.db").exists()
     monkeypatch.setenv("RANK", "0")
     assert isinstance(get_tracker(), Tracker)
+    monkeypatch.setenv("DINOCTL_TRACKING", "off")  # a run without MLflow, on every rank
+    assert isinstance(get_tracker(), NullTracker)
 
 
 def test_embedded_store_follows_dinoctl_home_or_cwd(monkeypatch, tmp_path):
