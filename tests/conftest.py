@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -29,6 +28,7 @@ for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DINOCTL_PARENT_R
     os.environ.pop(_name, None)
 
 from tests.guard import UserStateGuard  # noqa: E402
+from tests.services import embedded_mlflow_home  # noqa: E402
 from tests.services import mlflow_server as _mlflow_server  # noqa: E402
 from tests.services import seaweedfs  # noqa: E402
 
@@ -94,18 +94,7 @@ def dinoctl_home(tmp_path, monkeypatch):
     return home
 
 
-@pytest.fixture(scope="session")
-def _mlflow_schema(tmp_path_factory):
-    """An empty embedded MLflow database, made once: its schema migrations take seconds."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def embedded_mlflow(dinoctl_home, _mlflow_schema):
+def embedded_mlflow(dinoctl_home):
     """`dinoctl_home` with a ready (empty) embedded MLflow store: app.tracking works at once."""
-    shutil.copy(_mlflow_schema, dinoctl_home / "mlflow.db")
-    return dinoctl_home
+    return embedded_mlflow_home(dinoctl_home)

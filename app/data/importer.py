@@ -169,8 +169,8 @@ def import_images(src: str, out_uri: str, name: str | None = None, workers: int 
         raise ValueError(f"max_pixels and max_side must be >= 0, got {max_pixels} and {max_side}")
     mode, root, files = discover(src)
     log.info("import %s: %s with %d files -> %s", src, mode, len(files), out_uri)
-    extra = {"input": src, "input_mode": mode, "max_pixels": max_pixels, "max_side": max_side}
     limits = {"max_pixels": max_pixels, "max_side": max_side}
+    extra = {"input": src, "input_mode": mode, **limits}
     with ShardWriter(out_uri, max_samples_per_shard, max_bytes,
                      created_by=f"dinoctl data import ({mode})", name=name,
                      extra_stats=extra) as writer:

@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.services import embedded_mlflow_home
-
 REPO = Path(__file__).resolve().parents[2]
 # The pods' launcher; DINOCTL_TEST_TORCHRUN points elsewhere (e.g. torch's own, to show a defect).
 TORCHRUN = os.environ.get("DINOCTL_TEST_TORCHRUN") or str(Path(sys.executable).parent / "torchrun")
@@ -89,7 +87,7 @@ class TrainJob:
                if not k.startswith(("PET_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE")}
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
                    DINOCTL_STAGING=str(self.tmp / "staging" / self.run),
-                   DINOCTL_HOME=str(embedded_mlflow_home(self.tmp / "home")),
+                   DINOCTL_HOME=str(self.tmp / "home"),
                    DINOCTL_SAMPLE_LOG=str(self.tmp / f"samples-{self.run}"))
         if "MLFLOW_TRACKING_URI" not in self.env:
             # what these jobs test is not tracking (test_faults_services's MLflow tests name a
