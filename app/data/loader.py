@@ -18,6 +18,7 @@ every exit path; a worker that dies or hangs is an error within `train.loader_ti
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection
 import random
 import signal
 from typing import Any, Callable
@@ -114,6 +115,30 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def dead_worker_error(workers: list, cause: BaseException, wait_s: float = 5.0) -> RuntimeError | None:
+    """The error to raise when reading a batch failed with `cause` because a worker died, or None
+    when every worker still lives after `wait_s`. A worker SIGKILLed while the trainer receives its
+    batch (the tensor's file descriptor is handed over a socket) surfaces as EOFError or
+    ConnectionError a moment before the process is seen dead, so the check waits for it."""
+    alive = [w for w in workers if w.is_alive()]
+    if len(alive) == len(workers) and alive:
+        multiprocessing.connection.wait([w.sentinel for w in alive], timeout=wait_s)
+    dead = [w for w in workers if not w.is_alive()]
+    if not dead:
+        return None
+    codes = []
+    for w in dead:
+        code = w.exitcode
+        if code is not None and code < 0:
+            codes.append(f"pid {w.pid} killed by signal {signal.Signals(-code).name}")
+        else:
+            codes.append(f"pid {w.pid} exit code {code}")
+    hint = " (out of memory?)" if any(w.exitcode == -signal.SIGKILL for w in dead) else ""
+    reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    return RuntimeError(f"DataLoader worker exited unexpectedly: {', '.join(codes)}{hint} "
+                        f"(the trainer saw {reason} reading its batch)")
+
+
 class MultiCropLoader:
     """Batches of one rank; the first `next_batch` is step `start_step`, read from `cursor`.
     `cursor_at(step)` is where the stream stands before step `step` (saved in checkpoints)."""
@@ -171,7 +196,13 @@ class MultiCropLoader:
     def next_batch(self, step: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
         if self._it is None:
             raise RuntimeError("the loader was closed")
-        samples = next(self._it)
+        try:
+            samples = next(self._it)
+        except (EOFError, ConnectionError) as exc:
+            error = dead_worker_error(list(getattr(self._it, "_workers", ())), exc)
+            if error is None:
+                raise
+            raise error from exc
         from app.ssl.masking import collate_data_and_masks
 
         for sample in samples:

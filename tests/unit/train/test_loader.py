@@ -68,3 +68,53 @@ def test_loading_does_not_touch_the_global_torch_rng(pool):
     torch.manual_seed(0)
     _batches(_cfg(pool), 2, workers=0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def _blocked_process(ctx):
+    """A real process that waits on a pipe until it is killed (as a worker waits for indices)."""
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=reader.recv, daemon=True)
+    proc.start()
+    return proc, writer
+
+
+def test_a_worker_killed_while_its_batch_is_received_is_named_not_an_eoferror():
+    """The trainer's read of a batch fails (EOFError in the fd hand-over) a moment before the
+    SIGKILLed worker is seen dead: the error names the worker and the signal (CI saw a bare
+    `EOFError` as the job's last line)."""
+    import multiprocessing
+    import os
+    import signal
+
+    from app.data.loader import dead_worker_error
+    from app.errors import is_expected, one_line
+
+    ctx = multiprocessing.get_context("fork")
+    (alive, w1), (victim, w2) = _blocked_process(ctx), _blocked_process(ctx)
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+        error = dead_worker_error([alive, victim], EOFError())
+        assert error is not None
+        line = one_line(error)
+        assert is_expected(error)
+        assert line.startswith("DataLoader worker exited unexpectedly")
+        assert f"pid {victim.pid} killed by signal SIGKILL" in line and "EOFError" in line
+        assert str(alive.pid) not in line
+    finally:
+        alive.kill()
+        alive.join()
+        victim.join()
+
+
+def test_a_read_error_with_every_worker_alive_is_not_blamed_on_a_worker():
+    import multiprocessing
+
+    from app.data.loader import dead_worker_error
+
+    ctx = multiprocessing.get_context("fork")
+    proc, _writer = _blocked_process(ctx)
+    try:
+        assert dead_worker_error([proc], ConnectionResetError("reset"), wait_s=0.2) is None
+    finally:
+        proc.kill()
+        proc.join()
