@@ -140,6 +140,10 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
+    # per_module: backbone, DINO head and iBOT head each clipped at clip_grad (the reference);
+    # global: one norm over all of them (DeepSpeed's own clipping).
+    clip_grad_mode: str = "per_module"
+    decay_learned_tokens: bool = True  # weight decay on cls/pos/mask/register tokens (reference)
     freeze_last_layer_epochs: int = 1
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
@@ -192,7 +196,15 @@ class DistillConfig:
     enabled: bool = False
     teacher: str = ""  # URI of our pretraining run (runs/<name>) or an official backbone file
     teacher_arch: str = "vit_giant2"
+    # The student EMA (the exported model). "schedule": it moves with the momentum schedule
+    # teacher.momentum_teacher -> teacher.final_momentum_teacher (cosine), as the reference's
+    # distillation does (0.994 -> 1); "constant": it is held at student_ema_momentum.
+    student_ema: str = "schedule"
     student_ema_momentum: float = 0.999
+    # iBOT targets: "all" patches of both global crops (paper, dinov2 issue #176), or "masked":
+    # the collate's masked subset (ibot.mask_* settings) of the unmasked student's patches, as
+    # the distillation code released with DINOv3. See app/ssl/distill_meta_arch.py.
+    ibot_patches: str = "all"
     max_steps: int = 0  # >0 replaces train.max_steps for the distillation run (one file, two stages)  # H10
 
 
@@ -580,6 +592,9 @@ _CHOICES = {
     "crops.blur_mode": ("official", "intended"),
     "train.centering": ("centering", "sinkhorn_knopp"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "optim.clip_grad_mode": ("per_module", "global"),
+    "distill.student_ema": ("schedule", "constant"),
+    "distill.ibot_patches": ("all", "masked"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "launch.restart_policy": ("OnFailure", "ExitCode", "Never"),
     "curation.embed.features": ("cls", "cls+mean"),

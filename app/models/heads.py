@@ -2,9 +2,15 @@
 
 State-dict keys match official DINOv2 training checkpoints: `mlp.{0,2,4}.{weight,bias}` (or
 `mlp.{weight,bias}` with one layer), `last_layer.weight_g`, `last_layer.weight_v`.
+
+Precision: the MLP runs in the autocast / parameter dtype; the L2 bottleneck and the prototype
+layer always compute in fp32 and return fp32 logits. At the teacher's temperature 0.04 a logit
+error of 2^-8 (bf16) moves the softmax targets by ~1% total variation; in fp32 it is negligible.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +30,18 @@ class WeightNormLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        # nn.Linear's default init, as the reference's prototypes keep it (U(+-1/sqrt(in)), std
+        # 0.036 for in=256): the head's trunc-normal(0.02) init runs before the layer is made.
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
-        """`[..., in] -> [..., out]`."""
-        # Scale the logits per prototype instead of materialising the normalised weight: same
-        # result, one [out, in] temporary less (65k-131k prototypes make that hundreds of MB).
-        scale = self.weight_g.squeeze(1) / self.weight_v.norm(dim=1)
-        return F.linear(x, self.weight_v) * scale.to(x.dtype)
+        """`[..., in] -> [..., out]` in fp32 (also under autocast and with bf16 parameters)."""
+        with torch.autocast(x.device.type, enabled=False):
+            v = self.weight_v.float()
+            # Scale the logits per prototype instead of materialising the normalised weight: same
+            # result, one [out, in] temporary less (65k-131k prototypes make that hundreds of MB).
+            scale = self.weight_g.float().squeeze(1) / v.norm(dim=1)
+            return F.linear(x.float(), v) * scale
 
     @property
     def weight(self) -> Tensor:
@@ -88,12 +98,10 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def bottleneck(self, x: Tensor) -> Tensor:
-        """`[B, in_dim] -> [B, bottleneck_dim]`, L2-normalised."""
+        """`[B, in_dim] -> [B, bottleneck_dim]`, L2-normalised, in fp32."""
         x = self.mlp(x)
-        # fp16 cannot represent 1e-12; bf16/fp32 can, and a smaller eps only matters for
-        # near-zero vectors anyway.
-        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        return F.normalize(x, dim=-1, p=2, eps=eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(x.float(), dim=-1, p=2, eps=1e-12)
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, in_dim] -> logits [B, out_dim]`."""

@@ -12,11 +12,15 @@ unchanged:
 
 Paper (DINOv2 §5, quoted in dinov2 issue #114): the teacher is frozen, the student has no masking
 and no stochastic depth, the iBOT loss is applied on the two global crops, and "a spare EMA of the
-student" is the final model. With no masking there is no masked subset to pick, so iBOT is the
-cross-entropy on *every* patch token of both global crops (each image's patches weigh 1/N, the
-sum is divided by the 2B global-crop images, as in pretraining); the DINOv2 maintainers describe
-the same choice (MIM loss on all tokens, issue #176). The DINO loss uses the same crop pairs as
-pretraining (same-view pairs skipped), and KoLeo acts on the student's global CLS tokens.
+student" is the final model. Which patches are iBOT targets is `distill.ibot_patches`:
+- `all` (default): *every* patch token of both global crops (each image's patches weigh 1/N, the
+  sum is divided by the 2B global-crop images, as in pretraining); the DINOv2 maintainers describe
+  this choice (MIM loss on all tokens, issue #176), and it uses every target the teacher computes.
+- `masked`: the collate's masked subset (drawn with the `ibot.mask_*` settings, weighted per image
+  as in pretraining) of the student's patches, the student still seeing the whole image; this is
+  what the distillation code released with DINOv3 does, and costs the heads ~1/5 of `all`.
+The DINO loss uses the same crop pairs as pretraining (same-view pairs skipped), and KoLeo acts on
+the student's global CLS tokens.
 
 `state_dict()` holds the student EMA (`student_ema.backbone.*`, `student_ema.dino_head.*`, ...)
 and the centering buffers, never the teacher: the teacher is frozen and is reloaded from its run,
@@ -36,9 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from app.ssl.centering import sinkhorn_knopp, softmax_center_teacher, update_center
-from app.ssl.meta_arch import CENTER_MOMENTUM, LossWeights, SSLNetwork, frozen_copy, register_centers
-from app.ssl.meta_arch import ema_update, ssl_losses  # one EMA, one loss composition
+from app.ssl.meta_arch import LossWeights, SSLNetwork, frozen_copy, register_centers
+from app.ssl.meta_arch import ema_update, ssl_losses, teacher_targets  # shared with pretraining
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -61,6 +64,22 @@ def _n_patches(batch: dict, patch_size: int) -> int:
     return (h // patch_size) * (w // patch_size)
 
 
+IBOT_PATCHES = ("all", "masked")
+
+
+def ibot_targets(batch: dict, patch_size: int, ibot_patches: str) -> dict[str, Tensor]:
+    """The iBOT target patches of a batch: patch_indices [M] into the flattened [2B * N] global
+    crop patches, patch_weight [M] (1 / targets of its image) and n_targets [1] (local M).
+    `all`: every patch; `masked`: the collate's masked subset (the student still sees it)."""
+    if ibot_patches == "masked":
+        return {"patch_indices": batch["mask_indices_list"], "patch_weight": batch["masks_weight"],
+                "n_targets": batch["n_masked_patches"]}
+    crops = batch["collated_global_crops"]
+    t = all_patch_targets(crops.shape[0], _n_patches(batch, patch_size), crops.device)
+    t["n_targets"] = torch.full((1,), t["patch_indices"].numel(), dtype=torch.long)
+    return t
+
+
 class DistillMetaArch(nn.Module):
     """Frozen teacher (not a registered submodule: kept out of `state_dict`), the student EMA and
     the softmax-centering buffers `dino_center [1, K]`, `ibot_center [1, K_ibot]`.
@@ -69,11 +88,14 @@ class DistillMetaArch(nn.Module):
     """
 
     def __init__(self, teacher: SSLNetwork, student: SSLNetwork, weights: LossWeights,
-                 patch_size: int):
+                 patch_size: int, ibot_patches: str = "all"):
         super().__init__()
         check_compatible(teacher, student)
+        if ibot_patches not in IBOT_PATCHES:
+            raise ValueError(f"ibot_patches must be one of {', '.join(IBOT_PATCHES)}, got {ibot_patches!r}")
         self.weights = weights
         self.patch_size = patch_size
+        self.ibot_patches = ibot_patches
         teacher.requires_grad_(False)
         teacher.eval()  # no drop-path, ever
         self.__dict__["teacher"] = teacher  # plain attribute: not saved, not moved by .to()
@@ -99,43 +121,32 @@ class DistillMetaArch(nn.Module):
     def get_teacher_output(self, batch: dict, teacher_temp: float,
                            autocast_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Teacher targets (fp32): dino_probs [2B, K] from the CLS tokens and ibot_probs
-        [2B*N, K_ibot] from every patch token of the unmasked global crops."""
+        [M, K_ibot] from the iBOT target patches (`ibot_targets`) of the unmasked global crops."""
         crops = batch["collated_global_crops"]
-        n = _n_patches(batch, self.patch_size)
-        idx = all_patch_targets(crops.shape[0], n, crops.device)["patch_indices"]
+        t = ibot_targets(batch, self.patch_size, self.ibot_patches)
         dtype = next(self.teacher.parameters()).dtype
         with _autocast(crops.device, autocast_dtype):
-            out = self.teacher.forward_teacher(crops.to(dtype), idx)
-        cls_logits = out["cls_logits"].float()
-        patch_logits = out["masked_patch_logits"].float()
-        if self.weights.centering == "sinkhorn_knopp":
-            dino_probs = sinkhorn_knopp(cls_logits, teacher_temp)
-            ibot_probs = sinkhorn_knopp(patch_logits, teacher_temp, n_samples=patch_logits.shape[0])
-        else:
-            # Targets use the centers of previous steps; then the centers move (official order).
-            dino_probs = softmax_center_teacher(cls_logits, self.dino_center, teacher_temp)
-            ibot_probs = softmax_center_teacher(patch_logits, self.ibot_center, teacher_temp)
-            self.dino_center.copy_(update_center(self.dino_center, cls_logits, CENTER_MOMENTUM))
-            self.ibot_center.copy_(update_center(self.ibot_center, patch_logits, CENTER_MOMENTUM))
-        return {"dino_probs": dino_probs, "ibot_probs": ibot_probs}
+            out = self.teacher.forward_teacher(crops.to(dtype), t["patch_indices"])
+        return teacher_targets(self, out["cls_logits"].float(), out["masked_patch_logits"].float(),
+                               teacher_temp, t["n_targets"], self.weights.centering)
 
     def get_student_output(self, student: Callable[..., dict], batch: dict,
                            dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Run the student (DeepSpeed engine or bare `SSLNetwork`) with no masking; its
-        `masked_patch_logits` [2B*N, K_ibot] then cover every global-crop patch."""
+        `masked_patch_logits` [M, K_ibot] are those of the iBOT target patches."""
         g, l = batch["collated_global_crops"], batch["collated_local_crops"]
         if dtype is not None:
             g, l = g.to(dtype), l.to(dtype)
-        t = all_patch_targets(g.shape[0], _n_patches(batch, self.patch_size), g.device)
-        return student(g, l, t["masks"], t["patch_indices"])
+        unmasked = all_patch_targets(g.shape[0], _n_patches(batch, self.patch_size), g.device)["masks"]
+        idx = ibot_targets(batch, self.patch_size, self.ibot_patches)["patch_indices"]
+        return student(g, l, unmasked, idx)
 
     def compute_losses(self, student_out: dict, teacher_out: dict, batch: dict) -> dict[str, Tensor]:
         """Loss terms (fp32 scalars) and `total_loss`, scaled as in pretraining: DINO averaged
-        over the crop pairs, iBOT per-image-weighted over the 2B global crops (all patches),
+        over the crop pairs, iBOT per-image-weighted over the 2B global crops (its target patches),
         KoLeo summed over the two global crops."""
         n_images = batch["collated_global_crops"].shape[0]
-        weight = all_patch_targets(n_images, _n_patches(batch, self.patch_size),
-                                   student_out["global_cls"].device)["patch_weight"]
+        weight = ibot_targets(batch, self.patch_size, self.ibot_patches)["patch_weight"]
         return ssl_losses(student_out, teacher_out, weight, n_images, self.weights)
 
     # -- EMA ------------------------------------------------------------------------------------

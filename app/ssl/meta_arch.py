@@ -163,21 +163,8 @@ class SSLMetaArch(nn.Module):
         with _autocast(batch["collated_global_crops"].device, autocast_dtype):
             out = self.teacher.forward_teacher(batch["collated_global_crops"].to(self._teacher_dtype()),
                                                batch["mask_indices_list"])
-        cls_logits = out["cls_logits"].float()
-        patch_logits = out["masked_patch_logits"].float()
-        if self.weights.centering == "sinkhorn_knopp":
-            dino_probs = sinkhorn_knopp(cls_logits, teacher_temp)
-            ibot_probs = sinkhorn_knopp(patch_logits, teacher_temp, n_samples=batch["n_masked_patches"])
-        else:
-            dino_probs = softmax_center_teacher(cls_logits, self.dino_center, teacher_temp)
-            ibot_probs = softmax_center_teacher(patch_logits, self.ibot_center, teacher_temp)
-            # Targets use the center from previous steps; then the center moves (official order).
-            self.dino_center.copy_(update_center(self.dino_center, cls_logits, CENTER_MOMENTUM))
-            # iBOT: the mean over this rank's masked patches, averaged over ranks (official).
-            local_mean = patch_logits.mean(0, keepdim=True) if patch_logits.shape[0] else \
-                torch.zeros_like(self.ibot_center)
-            self.ibot_center.copy_(update_center(self.ibot_center, local_mean, CENTER_MOMENTUM))
-        return {"dino_probs": dino_probs, "ibot_probs": ibot_probs}
+        return teacher_targets(self, out["cls_logits"].float(), out["masked_patch_logits"].float(),
+                               teacher_temp, batch["n_masked_patches"], self.weights.centering)
 
     def get_student_output(self, student: Callable[..., dict], batch: dict,
                            dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -210,6 +197,26 @@ class SSLMetaArch(nn.Module):
 
     def _teacher_dtype(self) -> torch.dtype:
         return next(self.teacher.parameters()).dtype
+
+
+@torch.no_grad()
+def teacher_targets(centers: nn.Module, cls_logits: Tensor, patch_logits: Tensor, teacher_temp: float,
+                    n_patches: Tensor, centering: str) -> dict[str, Tensor]:
+    """dino_probs [2B, K] and ibot_probs [M, K_ibot] (fp32) from fp32 teacher logits, by
+    Sinkhorn-Knopp or by softmax centering with `centers.dino_center` / `centers.ibot_center`
+    (moved here, after the targets used them: the official order). `n_patches` [1]: this rank's M.
+    """
+    if centering == "sinkhorn_knopp":
+        return {"dino_probs": sinkhorn_knopp(cls_logits, teacher_temp),
+                "ibot_probs": sinkhorn_knopp(patch_logits, teacher_temp, n_samples=n_patches)}
+    dino_probs = softmax_center_teacher(cls_logits, centers.dino_center, teacher_temp)
+    ibot_probs = softmax_center_teacher(patch_logits, centers.ibot_center, teacher_temp)
+    centers.dino_center.copy_(update_center(centers.dino_center, cls_logits, CENTER_MOMENTUM))
+    # iBOT: the mean over this rank's target patches, averaged over ranks (official).
+    local_mean = patch_logits.mean(0, keepdim=True) if patch_logits.shape[0] else \
+        torch.zeros_like(centers.ibot_center)
+    centers.ibot_center.copy_(update_center(centers.ibot_center, local_mean, CENTER_MOMENTUM))
+    return {"dino_probs": dino_probs, "ibot_probs": ibot_probs}
 
 
 def ssl_losses(student_out: dict, teacher_out: dict, patch_weight: Tensor, n_images: int,

@@ -1,6 +1,10 @@
 """Optimizer parameter groups of DINOv2: layer-wise lr decay, patch-embed lr multiplier, no
-weight decay on biases / norms / LayerScale / tokens, and a flag on the heads' prototype layer
+weight decay on biases / norms / LayerScale, and a flag on the heads' prototype layer
 (`last_layer`) whose lr follows its own (frozen-at-start) schedule.
+
+The learned tokens (`cls_token`, `pos_embed`, `mask_token`, `register_tokens`) are decayed, as in
+the reference; `decay_tokens=False` (`optim.decay_learned_tokens: false`) exempts them, as timm
+and MAE do (weight decay pulls the position embedding towards zero over a long schedule).
 
 Parameter names are the official ones (`cls_token`, `pos_embed`, `patch_embed.*`, `blocks.{i}.*`,
 `norm.*`, heads `mlp.*`, `last_layer.*`), optionally prefixed by `module.` and by the student's
@@ -51,11 +55,14 @@ def lr_multiplier(name: str, layerwise_decay: float, num_layers: int, patch_embe
     return mult
 
 
-def wd_multiplier(name: str) -> float:
-    """0 for biases, norms, LayerScale `gamma` and the learned tokens; 1 otherwise."""
+def wd_multiplier(name: str, decay_tokens: bool = True) -> float:
+    """0 for biases, norms and LayerScale `gamma` (and the learned tokens unless `decay_tokens`);
+    1 otherwise."""
     name = _strip(name)
     leaf = name.rsplit(".", 1)[-1]
-    if name.endswith(".bias") or "norm" in name or "gamma" in name or leaf in TOKEN_NAMES:
+    if name.endswith(".bias") or "norm" in name or "gamma" in name:
+        return 0.0
+    if leaf in TOKEN_NAMES and not decay_tokens:
         return 0.0
     return 1.0
 
@@ -71,6 +78,7 @@ def get_params_groups(
     patch_embed_lr_mult: float = 1.0,
     num_layers: int | None = None,
     with_names: bool = False,
+    decay_tokens: bool = True,
 ) -> list[dict]:
     """Parameter groups fused by (lr_multiplier, wd_multiplier, is_last_layer).
 
@@ -86,7 +94,7 @@ def get_params_groups(
     for name, param in named:
         key = (
             lr_multiplier(name, layerwise_decay, num_layers, patch_embed_lr_mult),
-            wd_multiplier(name),
+            wd_multiplier(name, decay_tokens),
             "last_layer" in name,
         )
         group = groups.get(key)

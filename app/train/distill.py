@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_config(cfg: Config) -> Config:
     """Check the distillation settings and apply the paper's student rules in place: no masking
-    (`ibot.mask_sample_probability = 0`), no drop-path; `distill.max_steps` replaces
+    (with `ibot_patches: all`, `ibot.mask_sample_probability = 0`), no drop-path; `distill.max_steps` replaces
     `train.max_steps` when set (one config file drives both pretraining and distillation)."""
     d = cfg.distill
     if not d.teacher:
@@ -86,7 +86,12 @@ def prepare_config(cfg: Config) -> Config:
     cfg.distill.enabled = True
     if d.max_steps > 0:
         cfg.train.max_steps = d.max_steps
-    cfg.ibot.mask_sample_probability = 0.0
+    if d.ibot_patches == "masked":  # the masks only pick iBOT targets; the student sees all
+        if cfg.ibot.mask_sample_probability <= 0:
+            raise DistillSetupError("'distill.ibot_patches: masked' needs 'ibot.mask_sample_probability' "
+                                    "> 0 (the collate's masks pick the iBOT targets); or use 'all'")
+    else:
+        cfg.ibot.mask_sample_probability = 0.0
     s.drop_path_rate = 0.0
     return cfg
 
@@ -192,7 +197,7 @@ def _distill(cfg: Config, d) -> int:
     from app.ssl.param_groups import get_params_groups
     from app.ssl.schedules import Schedules
     from app.train import checkpoint as ckpt
-    from app.train.engine import build_engine, resolve_precision
+    from app.train.engine import build_clipper, build_engine, resolve_precision
     from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, sigterm_grace, run_summary,
                                 sample_log_from_env, train_loop)
     from app.train.run import stage_tracking
@@ -209,16 +214,16 @@ def _distill(cfg: Config, d) -> int:
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     try:
         meta = DistillMetaArch(teacher.network, student, LossWeights.from_config(cfg),
-                               cfg.model.patch_size).to_device(d.device, compute_dtype)
+                               cfg.model.patch_size, cfg.distill.ibot_patches).to_device(d.device, compute_dtype)
     except ValueError as exc:
         raise DistillSetupError(str(exc)) from None
-    groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
+                               decay_tokens=cfg.optim.decay_learned_tokens)
     zero_stage = cfg.train.zero_stage
     if zero_stage == 3:
         register_zero3_external_params(student)
     engine = build_engine(student, groups, cfg, d.world_size, precision)
-    schedules = student_ema_schedules(Schedules.from_config(cfg, d.world_size),
-                                      cfg.distill.student_ema_momentum)
+    schedules = student_ema_schedules(Schedules.from_config(cfg, d.world_size), cfg.distill)
     torch.manual_seed(cfg.run.seed * 1000 + d.rank + 1)
 
     start_step, cursor = 0, DataCursor()
@@ -232,7 +237,7 @@ def _distill(cfg: Config, d) -> int:
         start_step, cursor = int(state["step"]), DataCursor.from_dict(state["data_cursor"])
     loader = MultiCropLoader(cfg, d.rank, d.world_size, cursor, start_step=start_step)
 
-    parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype)
+    parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype, build_clipper(engine, cfg))
     lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
                                 {"config_hash": config_hash(cfg), "distill_teacher": teacher.source},
                                 stage="distill")
@@ -252,17 +257,29 @@ def _distill(cfg: Config, d) -> int:
                 **run_summary(cfg, result, d.world_size, zero_stage, precision, started),
                 "teacher": {"source": teacher.source, "arch": teacher.model.arch, **t_info},
                 "student": {"arch": cfg.student.arch, **s_info},
-                "student_ema_momentum": cfg.distill.student_ema_momentum,
+                "student_ema": student_ema_description(cfg),
+                "ibot_patches": cfg.distill.ibot_patches,
             }
             export_student(meta, cfg, summary)
             tracker.log_summary(summary)
     return 0
 
 
-def student_ema_schedules(schedules, momentum: float):
-    """The pretraining schedules with the EMA momentum held at `distill.student_ema_momentum`
-    (the teacher is frozen; `train_step` passes this value to `update_teacher`)."""
-    return dataclasses.replace(schedules, momentum=np.full(schedules.total_iters, float(momentum)))
+def student_ema_schedules(schedules, distill):
+    """The pretraining schedules with the momentum that moves the student EMA (the teacher is
+    frozen; `train_step` passes it to `update_teacher`): the pretraining momentum schedule with
+    `distill.student_ema: schedule`, `distill.student_ema_momentum` throughout with `constant`."""
+    if distill.student_ema == "schedule":
+        return schedules
+    return dataclasses.replace(schedules, momentum=np.full(schedules.total_iters,
+                                                           float(distill.student_ema_momentum)))
+
+
+def student_ema_description(cfg: Config) -> str:
+    if cfg.distill.student_ema == "schedule":
+        return (f"schedule {cfg.teacher.momentum_teacher} -> {cfg.teacher.final_momentum_teacher} "
+                "(cosine)")
+    return f"constant {cfg.distill.student_ema_momentum}"
 
 
 def exported_config(cfg: Config) -> Config:

@@ -82,17 +82,16 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 def ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed config. Gradient clipping is always written out: DeepSpeed's default changed
-    from 0 to 1.0 in 0.19.3, and the recipe clips at `optim.clip_grad` (3.0).
-
-    DINOv2 clips each student sub-module separately; DeepSpeed clips one global norm. With the
-    recipe's 3.0 this only matters in the first steps, and is documented as a known difference.
+    from 0 to 1.0 in 0.19.3. With `optim.clip_grad_mode: per_module` (the recipe: backbone and
+    heads each clipped at `optim.clip_grad`) DeepSpeed's clipping is off and `app/train/clipping.py`
+    clips between backward and step; with `global` DeepSpeed clips one norm at `optim.clip_grad`.
     """
     micro = cfg.train.batch_size_per_gpu
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro * world_size,
-        "gradient_clipping": float(cfg.optim.clip_grad),
+        "gradient_clipping": float(cfg.optim.clip_grad) if cfg.optim.clip_grad_mode == "global" else 0.0,
         "zero_optimization": {"stage": int(cfg.train.zero_stage)},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
@@ -122,6 +121,16 @@ def build_engine(student: torch.nn.Module, param_groups: list[dict], cfg: Config
         model=student, optimizer=optimizer, config=ds_config(cfg, world_size, precision),
     )
     return engine
+
+
+def build_clipper(engine, cfg: Config):
+    """The per-module clipper of `optim.clip_grad_mode: per_module` (None with `global`, or when
+    `optim.clip_grad` is 0: no clipping)."""
+    if cfg.optim.clip_grad_mode != "per_module" or cfg.optim.clip_grad <= 0:
+        return None
+    from app.train.clipping import ModuleClipper
+
+    return ModuleClipper(engine, cfg.optim.clip_grad)
 
 
 def optimizer_param_groups(engine) -> list[dict]:

@@ -112,7 +112,7 @@ def _train(cfg: Config, d) -> int:
     from app.ssl.param_groups import get_params_groups
     from app.ssl.schedules import Schedules
     from app.train import checkpoint as ckpt
-    from app.train.engine import build_engine, resolve_precision
+    from app.train.engine import build_clipper, build_engine, resolve_precision
     from app.train.loop import (PREEMPTED_EXIT_CODE, LoopConfig, StopFlag, export_run,
                                 run_summary, sample_log_from_env, sigterm_grace, train_loop)
     from app.train.step import TrainParts
@@ -124,7 +124,8 @@ def _train(cfg: Config, d) -> int:
     student = build_network(cfg)
     meta = SSLMetaArch(student, LossWeights.from_config(cfg)).to(d.device)
     precision = resolve_precision(cfg, d.device)
-    groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
+                               decay_tokens=cfg.optim.decay_learned_tokens)
     zero_stage = cfg.train.zero_stage
     if zero_stage == 3:
         register_zero3_external_params(student)
@@ -142,7 +143,7 @@ def _train(cfg: Config, d) -> int:
     loader = MultiCropLoader(cfg, d.rank, d.world_size, cursor, start_step=start_step)
 
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype)
+    parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype, build_clipper(engine, cfg))
     lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
                                 {"config_hash": config_hash(cfg)})
     sample_log = sample_log_from_env(d.rank)

@@ -4,7 +4,8 @@
 
 Sets the scheduled lr / weight decay, runs teacher and student, checks every loss term is
 finite on every rank *before* backward (so a NaN never reaches the weights or a checkpoint),
-lets the engine do backward + clipping + the optimizer step, then moves the EMA teacher.
+lets the engine do backward, clips the gradients (each module on its own, `app/train/clipping.py`,
+or DeepSpeed's one global norm), lets the engine step, then moves the EMA teacher.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TrainParts:
     schedules: Schedules
     zero_stage: int
     compute_dtype: torch.dtype  # bf16 on GPU, fp32 on CPU
+    clipper: Any = None  # app.train.clipping.ModuleClipper (per-module clipping), or None
 
 
 def train_step(parts: TrainParts, batch: dict, step: int) -> dict[str, float]:
@@ -45,6 +47,9 @@ def train_step(parts: TrainParts, batch: dict, step: int) -> dict[str, float]:
     values = reduce_losses(losses)
     check_finite(values, step)
     parts.engine.backward(losses["total_loss"])
+    if parts.clipper is not None:
+        for name, norm in parts.clipper.clip().items():
+            values[f"grad_norm_{name}"] = norm
     parts.engine.step()
     parts.meta.update_teacher(parts.engine.module, s.momentum, zero3=parts.zero_stage == 3)
     values.update(lr=s.lr, wd=s.wd, momentum=s.momentum, teacher_temp=s.teacher_temp,

@@ -56,10 +56,11 @@ def test_multipliers_for_official_names():
     groups = get_params_groups(student(), layerwise_decay=0.5, patch_embed_lr_mult=0.2, with_names=True)
     m = lookup(groups)
     L = 2  # blocks; layer ids: tokens/patch_embed 0, block i -> i + 1, rest 3; mult 0.5 ** (3 - id)
-    assert m["backbone.cls_token"] == (0.125, 0.0, False)
-    assert m["backbone.pos_embed"] == (0.125, 0.0, False)
-    assert m["backbone.mask_token"] == (0.125, 0.0, False)
-    assert m["backbone.register_tokens"] == (0.125, 0.0, False)
+    # The learned tokens are decayed, as in the reference (its no-wd set: biases, norms, gammas)
+    assert m["backbone.cls_token"] == (0.125, 1.0, False)
+    assert m["backbone.pos_embed"] == (0.125, 1.0, False)
+    assert m["backbone.mask_token"] == (0.125, 1.0, False)
+    assert m["backbone.register_tokens"] == (0.125, 1.0, False)
     assert m["backbone.patch_embed.proj.weight"] == (pytest.approx(0.125 * 0.2), 1.0, False)
     assert m["backbone.patch_embed.proj.bias"] == (pytest.approx(0.125 * 0.2), 0.0, False)
     assert m["backbone.blocks.0.attn.qkv.weight"] == (0.25, 1.0, False)
@@ -77,6 +78,21 @@ def test_multipliers_for_official_names():
     assert sum(len(g["params"]) for g in groups) == n_params
     keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
     assert len(keys) == len(set(keys))
+
+
+def test_learned_tokens_can_be_exempted_from_weight_decay():
+    groups = get_params_groups(student(), with_names=True, decay_tokens=False)
+    m = lookup(groups)
+    for name in ("cls_token", "pos_embed", "mask_token", "register_tokens"):
+        assert m[f"backbone.{name}"][1] == 0.0
+    assert m["backbone.patch_embed.proj.weight"][1] == 1.0
+
+
+def test_the_recipe_config_decays_the_tokens_and_the_trainer_passes_it():
+    from app.config import load_config
+
+    assert load_config("demo").optim.decay_learned_tokens is True
+    assert load_config("demo", ["optim.decay_learned_tokens=false"]).optim.decay_learned_tokens is False
 
 
 def test_bare_backbone_names_and_frozen_params():
@@ -120,7 +136,7 @@ def test_groups_for_the_real_backbone_and_heads():
     depth = len(backbone.blocks)
     assert set(m) == {n for n, _ in model.named_parameters()}
     for token in ("cls_token", "pos_embed", "mask_token", "register_tokens"):
-        assert m[f"backbone.{token}"] == (pytest.approx(0.9 ** (depth + 1)), 0.0, False)
+        assert m[f"backbone.{token}"] == (pytest.approx(0.9 ** (depth + 1)), 1.0, False)
     assert m[f"backbone.blocks.{depth - 1}.attn.qkv.weight"][:2] == (pytest.approx(0.9), 1.0)
     assert m["backbone.patch_embed.proj.weight"][0] == pytest.approx(0.2 * 0.9 ** (depth + 1))
     assert m["dino_head.last_layer.weight_v"] == (1.0, 1.0, True)

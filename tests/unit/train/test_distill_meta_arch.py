@@ -144,3 +144,36 @@ def test_all_patch_targets_weigh_each_image_once():
     assert not t["masks"].any() and t["masks"].shape == (3, 4)
     assert torch.equal(t["patch_indices"], torch.arange(12))
     assert torch.allclose(t["patch_weight"].view(3, 4).sum(1), torch.ones(3))
+
+
+def test_masked_ibot_targets_are_the_collates_subset_of_the_unmasked_students_patches():
+    """`distill.ibot_patches: masked` (DINOv3's distillation code): the student still sees every
+    patch, and the iBOT loss is the dense loss restricted to the collate's masks."""
+    cfg, teacher, student, _ = _parts("distill.ibot_patches=masked")
+    assert cfg.ibot.mask_sample_probability == 0.5  # kept: the masks pick the targets
+    meta = DistillMetaArch(teacher, student, LossWeights.from_config(cfg), patch_size=14,
+                           ibot_patches="masked")
+    every = DistillMetaArch(teacher, student, LossWeights.from_config(cfg), patch_size=14)
+    batch = _batch(b=4, mask_probability=1.0, seed=3)
+    masks = batch["collated_masks"]
+    assert 0 < int(masks.sum()) < masks.numel()
+    s_out = meta.get_student_output(student, batch)
+    t_out = meta.get_teacher_output(batch, teacher_temp=0.04)
+    m = int(masks.sum())
+    assert s_out["masked_patch_logits"].shape == (m, 24) and t_out["ibot_probs"].shape == (m, 24)
+    s_all = every.get_student_output(student, batch)
+    t_all = every.get_teacher_output(batch, teacher_temp=0.04)
+    # the same (unmasked) student pass, the same teacher targets, at the masked positions
+    assert torch.allclose(s_out["masked_patch_logits"], s_all["masked_patch_logits"][masks.flatten()], atol=1e-5)
+    assert torch.allclose(t_out["ibot_probs"], t_all["ibot_probs"][masks.flatten()], atol=1e-5)
+    assert torch.allclose(s_out["global_logits"], s_all["global_logits"], atol=1e-6)
+    loss = meta.compute_losses(s_out, t_out, batch)["ibot_loss"]
+    dense = ibot_patch_loss(s_all["masked_patch_logits"].view(8, 9, 24), t_all["ibot_probs"].view(8, 9, 24), masks)
+    assert torch.allclose(loss, dense, atol=1e-6)
+
+
+def test_masked_ibot_targets_need_a_mask_probability():
+    from app.train.distill import DistillSetupError
+
+    with pytest.raises(DistillSetupError, match="mask_sample_probability"):
+        prepare_config(_cfg("distill.ibot_patches=masked", "ibot.mask_sample_probability=0"))

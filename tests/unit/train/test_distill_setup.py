@@ -128,8 +128,9 @@ def test_exported_config_describes_the_student(tmp_path):
 def test_student_ema_momentum_is_constant_in_the_schedules(tmp_path):
     from app.ssl.schedules import Schedules
 
-    cfg = prepare_config(_cfg(tmp_path.as_uri(), "distill.max_steps=10", "distill.student_ema_momentum=0.9"))
-    s = student_ema_schedules(Schedules.from_config(cfg), 0.9)
+    cfg = prepare_config(_cfg(tmp_path.as_uri(), "distill.max_steps=10", "distill.student_ema=constant",
+                              "distill.student_ema_momentum=0.9"))
+    s = student_ema_schedules(Schedules.from_config(cfg), cfg.distill)
     assert [s.at(i).momentum for i in (0, 5, 9)] == [0.9, 0.9, 0.9]
     assert s.at(0).lr != s.at(5).lr  # everything else is the pretraining schedule
 
@@ -150,3 +151,19 @@ def test_cli_builds_the_stage_command_and_fails_fast(tmp_path):
                              "--set", f"run.store={tmp_path.as_uri()}"])
     with pytest.raises(UserError, match="distill.teacher"):
         bad.func(bad)
+
+
+def test_the_student_ema_follows_the_momentum_schedule_by_default(tmp_path):
+    """As in the reference's distillation configs: the student EMA moves with the cosine
+    momentum schedule (0.994 -> 1 in the ViT-S/14 preset), not a constant."""
+    from app.ssl.schedules import Schedules
+
+    preset = load_config("distill_vits14_from_vitg14")
+    assert preset.distill.student_ema == "schedule" and preset.teacher.momentum_teacher == 0.994
+    cfg = prepare_config(_cfg(tmp_path.as_uri(), "distill.max_steps=20", "distill.student_ema=schedule",
+                              "teacher.momentum_teacher=0.994"))
+    s = student_ema_schedules(Schedules.from_config(cfg), cfg.distill)
+    m = [s.at(i).momentum for i in range(20)]
+    assert m[0] == pytest.approx(0.994) and m[-1] > 0.9999
+    assert all(a <= b for a, b in zip(m, m[1:]))
+    assert load_config("demo", ["distill.teacher=x"]).distill.student_ema == "constant"  # short run

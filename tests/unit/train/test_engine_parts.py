@@ -11,7 +11,8 @@ from app.train.step import NonFiniteLoss, check_finite
 
 
 def test_ds_config_sets_clipping_stage_and_precision_explicitly():
-    cfg = load_config("demo", ["train.zero_stage=3", "train.batch_size_per_gpu=5"])
+    cfg = load_config("demo", ["train.zero_stage=3", "train.batch_size_per_gpu=5",
+                               "optim.clip_grad_mode=global"])
     c = ds_config(cfg, world_size=4, precision="bf16")
     assert c["gradient_clipping"] == 3.0  # DeepSpeed's own default is 1.0 since 0.19.3
     assert c["zero_optimization"]["stage"] == 3
