@@ -120,6 +120,8 @@ def dead_worker_error(workers: list, cause: BaseException, wait_s: float = 5.0) 
     when every worker still lives after `wait_s`. A worker SIGKILLed while the trainer receives its
     batch (the tensor's file descriptor is handed over a socket) surfaces as EOFError or
     ConnectionError a moment before the process is seen dead, so the check waits for it."""
+    if not workers:
+        return None
     by_sentinel = {w.sentinel: w for w in workers}
     for sentinel in multiprocessing.connection.wait(list(by_sentinel), timeout=wait_s):
         by_sentinel[sentinel].join(timeout=wait_s)  # its fds close before it can be reaped

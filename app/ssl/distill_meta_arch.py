@@ -155,7 +155,8 @@ class DistillMetaArch(nn.Module):
     def update_teacher(self, student: nn.Module, momentum: float, zero3: bool = False,
                        gather_numel: int = 50_000_000) -> None:
         """student_ema = m * student_ema + (1 - m) * student (the name is `train_step`'s: here
-        the frozen teacher never moves; the schedules pass `distill.student_ema_momentum`).
+        the frozen teacher never moves; the momentum is `distill.student_ema`'s: the pretraining
+        momentum schedule, or `distill.student_ema_momentum` throughout).
 
         Same rules as the pretraining EMA: whole parameters under ZeRO-0/1/2; under ZeRO-3 the
         partitioned student parameters are gathered read-only in chunks of ~`gather_numel`.

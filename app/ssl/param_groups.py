@@ -109,6 +109,19 @@ def get_params_groups(
     return list(groups.values())
 
 
+def group_layout(param_groups: Iterable[dict]) -> list[list]:
+    """The optimizer layout the groups make: [lr_multiplier, wd_multiplier, is_last_layer,
+    numel] per non-empty group. Saved in checkpoints: the optimizer state of one layout cannot be
+    loaded into another (e.g. after changing `optim.decay_learned_tokens`)."""
+    out = []
+    for g in param_groups:
+        params = list(g["params"])
+        if params:
+            out.append([float(g.get("lr_multiplier", 1.0)), float(g.get("wd_multiplier", 1.0)),
+                        bool(g.get("is_last_layer", False)), int(sum(p.numel() for p in params))])
+    return out
+
+
 def apply_schedules(param_groups: Iterable[dict], lr: float, wd: float, last_layer_lr: float) -> None:
     """Set every group's lr = (last_layer_lr if is_last_layer else lr) * lr_multiplier and
     weight_decay = wd * wd_multiplier (groups without multipliers count as 1, not last layer).

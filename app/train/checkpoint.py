@@ -259,9 +259,10 @@ def resolve_resume(resume: str, store: str, run_name: str) -> str | None:
 
 
 def load_checkpoint(engine, meta: torch.nn.Module, remote: str, run_name: str, rank: int,
-                    world_size: int, zero_stage: int) -> dict[str, Any]:
+                    world_size: int, zero_stage: int, param_groups: list | None = None) -> dict[str, Any]:
     """Restore the student, optimizer, teacher, centers and RNG from the checkpoint directory
-    `remote` (a `.../step-XXXXXXXX` URI); return the train state."""
+    `remote` (a `.../step-XXXXXXXX` URI); return the train state. `param_groups`: this run's
+    `group_layout`, refused when the checkpoint's differs (its optimizer state would not fit)."""
     tag = remote.rstrip("/").rsplit("/", 1)[-1]
     state = storage.get_json(storage.join(remote, STATE_FILE))
     if state.get("world_size") != world_size or state.get("zero_stage") != zero_stage:
@@ -269,6 +270,14 @@ def load_checkpoint(engine, meta: torch.nn.Module, remote: str, run_name: str, r
             f"checkpoint {remote} was written with world_size={state.get('world_size')}, "
             f"zero_stage={state.get('zero_stage')}; this run has world_size={world_size}, "
             f"zero_stage={zero_stage} (resuming on another layout is not supported)")
+    saved = state.get("param_groups")
+    if param_groups is not None and saved is not None and saved != param_groups:
+        raise ValueError(
+            f"checkpoint {remote} was written with another optimizer parameter-group layout "
+            f"({len(saved)} groups, this run has {len(param_groups)}): a setting that moves "
+            "parameters between groups changed (optim.decay_learned_tokens, layerwise_decay, "
+            "patch_embed_lr_mult, the model); resume with the settings it was written with or "
+            "start a new run")
     local_root = staging_root(run_name) / f"resume-rank{rank:05d}"
     local_dir = local_root / tag
     shutil.rmtree(local_dir, ignore_errors=True)

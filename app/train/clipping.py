@@ -13,9 +13,10 @@ Between `backward` and `step` every rank holds the averaged gradient, whole or i
 - ZeRO-1/2: the fragment of each parameter that falls in this rank's partition
   (`param._hp_mapping`, DeepSpeed's tensor-fragment map), possibly none;
 - ZeRO-3: the parameter's local gradient partition (`deepspeed.utils.safe_get_local_grad`).
-A module's squared norm is the sum of its local squared norms, all-reduced over the data-parallel
-group when the gradient is partitioned (one all-reduce of a vector with one entry per module).
-The scale is then applied to the same local pieces, so nothing is gathered.
+A module's squared norm is the sum of its local squared norms, all-reduced over the process group
+when the gradient is partitioned (one all-reduce of a vector with one entry per module; dinoctl's
+data-parallel group is the whole world). The scale is then applied to the same local pieces, so
+nothing is gathered. A norm that is not finite is returned as it is (`app/train/step.py` stops).
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ class ModuleClipper:
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:  # no fragment of this parameter in this rank's partition
             return
-        yield mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+        flat = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+        address = mapping.lp_fragment_address
+        if flat.numel() == param.numel() and address.numel != param.numel():
+            # DeepSpeed's BF16_Optimizer keeps the whole gradient on every rank; this rank's
+            # share is its fragment (as in deepspeed.utils.tensor_fragment.get_full_hp_grad)
+            flat = flat.narrow(0, address.start, address.numel)
+        yield flat
 
     def norms(self) -> dict[str, float]:
         """Each module's gradient norm (the averaged gradient, all of it). Computed on the

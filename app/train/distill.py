@@ -194,7 +194,7 @@ def _distill(cfg: Config, d) -> int:
     from app.data.sampler import DataCursor
     from app.ssl.distill_meta_arch import DistillMetaArch, describe
     from app.ssl.meta_arch import LossWeights, register_zero3_external_params
-    from app.ssl.param_groups import get_params_groups
+    from app.ssl.param_groups import get_params_groups, group_layout
     from app.ssl.schedules import Schedules
     from app.train import checkpoint as ckpt
     from app.train.engine import build_clipper, build_engine, resolve_precision
@@ -219,6 +219,7 @@ def _distill(cfg: Config, d) -> int:
         raise DistillSetupError(str(exc)) from None
     groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
                                decay_tokens=cfg.optim.decay_learned_tokens)
+    layout = group_layout(groups)  # before DeepSpeed replaces the groups' params by partitions
     zero_stage = cfg.train.zero_stage
     if zero_stage == 3:
         register_zero3_external_params(student)
@@ -230,7 +231,7 @@ def _distill(cfg: Config, d) -> int:
     resume_uri = ckpt.resolve_resume(cfg.train.resume, cfg.run.store, cfg.run.name)
     if resume_uri:
         state = ckpt.load_checkpoint(engine, meta, resume_uri, cfg.run.name, d.rank, d.world_size,
-                                     zero_stage)
+                                     zero_stage, layout)
         if state.get("distill_teacher") != teacher.source:  # a moved store is legitimate
             log.warning("checkpoint %s was distilled from %s; continuing with %s", resume_uri,
                         state.get("distill_teacher"), teacher.source)
@@ -239,7 +240,8 @@ def _distill(cfg: Config, d) -> int:
 
     parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype, build_clipper(engine, cfg))
     lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
-                                {"config_hash": config_hash(cfg), "distill_teacher": teacher.source},
+                                {"config_hash": config_hash(cfg), "distill_teacher": teacher.source,
+                                 "param_groups": layout},
                                 stage="distill")
     sample_log = sample_log_from_env(d.rank)
     t_info, s_info = describe(teacher.network), describe(student)

@@ -14,6 +14,7 @@ import datetime
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,30 @@ def _skip_shm_comm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _import_muon_uncompiled() -> None:
+    """DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose kernels are wrapped in
+    `torch.compile` at import: loading TorchDynamo's compiler costs ~2-4 s of CPU in every process,
+    for an optimizer dinoctl never uses (the engine is given a torch AdamW). Import that module
+    once with DeepSpeed's own compile hook (`deepspeed.runtime.compiler.compile`) as the identity."""
+    name = "deepspeed.runtime.zero.muon.original_muon"
+    if name in sys.modules:
+        return
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    real = compiler.compile
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        importlib.import_module(name)
+    except ImportError:  # another DeepSpeed layout: it compiles as it likes
+        pass
+    finally:
+        compiler.compile = real
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Join the torchrun process group (or a 1-process group when run without torchrun)."""
     import deepspeed
+
+    _import_muon_uncompiled()
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -109,7 +109,7 @@ def _train(cfg: Config, d) -> int:
     from app.data.loader import MultiCropLoader
     from app.data.sampler import DataCursor
     from app.ssl.meta_arch import LossWeights, SSLMetaArch, build_network, register_zero3_external_params
-    from app.ssl.param_groups import get_params_groups
+    from app.ssl.param_groups import get_params_groups, group_layout
     from app.ssl.schedules import Schedules
     from app.train import checkpoint as ckpt
     from app.train.engine import build_clipper, build_engine, resolve_precision
@@ -126,6 +126,7 @@ def _train(cfg: Config, d) -> int:
     precision = resolve_precision(cfg, d.device)
     groups = get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
                                decay_tokens=cfg.optim.decay_learned_tokens)
+    layout = group_layout(groups)  # before DeepSpeed replaces the groups' params by partitions
     zero_stage = cfg.train.zero_stage
     if zero_stage == 3:
         register_zero3_external_params(student)
@@ -138,14 +139,14 @@ def _train(cfg: Config, d) -> int:
     resume_uri = ckpt.resolve_resume(cfg.train.resume, cfg.run.store, cfg.run.name)
     if resume_uri:
         state = ckpt.load_checkpoint(engine, meta, resume_uri, cfg.run.name, d.rank,
-                                     d.world_size, zero_stage)
+                                     d.world_size, zero_stage, layout)
         start_step, cursor = int(state["step"]), DataCursor.from_dict(state["data_cursor"])
     loader = MultiCropLoader(cfg, d.rank, d.world_size, cursor, start_step=start_step)
 
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     parts = TrainParts(engine, meta, schedules, zero_stage, compute_dtype, build_clipper(engine, cfg))
     lc = LoopConfig.from_config(cfg, d, zero_stage, schedules.total_iters,
-                                {"config_hash": config_hash(cfg)})
+                                {"config_hash": config_hash(cfg), "param_groups": layout})
     sample_log = sample_log_from_env(d.rank)
     log.info("pretrain %s: %s, ZeRO-%d, %s, world %d, steps %d..%d", cfg.run.name, cfg.model.arch,
              zero_stage, precision, d.world_size, start_step, schedules.total_iters)

@@ -10,6 +10,7 @@ or DeepSpeed's one global norm), lets the engine step, then moves the EMA teache
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ from app.train.engine import optimizer_param_groups
 
 
 class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or inf; raised before backward, so no state was changed."""
+    """A loss term (before backward) or a gradient norm (before the optimizer step) became NaN or
+    inf: raised before any weight changed."""
 
 
 @dataclass
@@ -48,8 +50,9 @@ def train_step(parts: TrainParts, batch: dict, step: int) -> dict[str, float]:
     check_finite(values, step)
     parts.engine.backward(losses["total_loss"])
     if parts.clipper is not None:
-        for name, norm in parts.clipper.clip().items():
-            values[f"grad_norm_{name}"] = norm
+        norms = parts.clipper.clip()
+        check_finite_gradients(norms, step)
+        values.update({f"grad_norm_{name}": norm for name, norm in norms.items()})
     parts.engine.step()
     parts.meta.update_teacher(parts.engine.module, s.momentum, zero3=parts.zero_stage == 3)
     values.update(lr=s.lr, wd=s.wd, momentum=s.momentum, teacher_temp=s.teacher_temp,
@@ -66,6 +69,15 @@ def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
         dist.all_reduce(vec)
         vec /= dist.get_world_size()
     return dict(zip(names, vec.cpu().tolist()))
+
+
+def check_finite_gradients(norms: dict[str, float], step: int) -> None:
+    """Every rank sees the same (all-reduced) norms, so all ranks stop together."""
+    bad = [n for n, v in norms.items() if not math.isfinite(v)]
+    if bad:
+        detail = ", ".join(f"{n}={norms[n]}" for n in bad)
+        raise NonFiniteLoss(f"non-finite gradient norm at step {step}: {detail}; stopping without "
+                            "updating weights or writing a checkpoint")
 
 
 def check_finite(values: dict[str, float], step: int) -> None:

@@ -141,7 +141,8 @@ def main() -> None:
     from app.ssl.meta_arch import LossWeights, SSLMetaArch, build_network, register_zero3_external_params
     from app.ssl.param_groups import apply_schedules, get_params_groups
     from app.ssl.schedules import Schedules
-    from app.train.engine import build_engine, init_distributed
+    from app.train.clipping import module_params
+    from app.train.engine import build_clipper, build_engine, init_distributed
     from app.train.step import TrainParts, train_step
 
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
@@ -159,7 +160,7 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads()}
 
-    # -- bare PyTorch: same network, losses and EMA, torch AdamW + clip_grad_norm_ --------------
+    # -- bare PyTorch: same network, losses and EMA, torch AdamW + clip_grad_norm_ per module ---
     torch.manual_seed(0)
     student = build_network(cfg).to(device)
     meta = SSLMetaArch(student, weights).to(device)
@@ -176,7 +177,8 @@ def main() -> None:
         loss = meta.compute_losses(out, t, batch)["total_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
+        for params in module_params(student).values():  # as the recipe (optim.clip_grad_mode)
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
         opt.step()
         meta.update_teacher(student, s.momentum)
 
@@ -191,7 +193,7 @@ def main() -> None:
     if args.zero_stage == 3:
         register_zero3_external_params(e_student)
     engine = build_engine(e_student, e_groups, cfg, dinfo.world_size, precision)
-    parts = TrainParts(engine, e_meta, schedules, args.zero_stage, dtype)
+    parts = TrainParts(engine, e_meta, schedules, args.zero_stage, dtype, build_clipper(engine, cfg))
 
     def engine_step(step: int) -> None:
         train_step(parts, batch, step)

@@ -88,6 +88,47 @@ def test_mlflow_allows_its_service_names_with_and_without_port():
     assert "--serve-artifacts" in args and "--artifacts-destination=s3://dinoctl/mlflow" in args
 
 
+def test_the_default_s3_server_is_seaweedfs_from_the_services_image():
+    docs = template()
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sts["metadata"]["name"] == "dinoctl-s3"
+    pod = sts["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-services"
+    assert c["command"] == ["weed"] and "mini" in c["args"] and "-s3.port=9000" in c["args"]
+    assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # its S3 identity is the chart's Secret, which the jobs and MLflow read too
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {"AWS_ACCESS_KEY_ID": {"name": "dinoctl-s3", "key": "AWS_ACCESS_KEY_ID"},
+                    "AWS_SECRET_ACCESS_KEY": {"name": "dinoctl-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "dinoctl-s3"
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "dinoctl-s3")
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["port"] for p in svc["spec"]["ports"]] == [9000]
+    settings = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-settings"))
+    assert settings["data"]["S3_ENDPOINT_URL"] == "http://dinoctl-s3.ml.svc:9000"
+    # MLflow, the bucket hook and the helm test pods: the same small image
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-services"
+
+
+def test_minio_stays_selectable_and_the_upstream_mlflow_image_too():
+    docs = template("--set", "s3.server=minio", "--set", "minio.rootPassword=long-enough-pw",
+                    "--set", "mlflow.image.repository=ghcr.io/mlflow/mlflow", "--set", "mlflow.image.tag=v3.18.0-full")
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sts["metadata"]["name"] == "dinoctl-minio"
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith("quay.io/minio/minio:")
+    settings = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-settings"))
+    assert settings["data"]["S3_ENDPOINT_URL"] == "http://dinoctl-minio.ml.svc:9000"
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/mlflow/mlflow:v3.18.0-full"
+    proc = helm("template", "dinoctl", str(CHART), "--set", "s3.server=external", check=False)
+    assert proc.returncode != 0 and "s3.server=external needs s3.external.endpoint" in proc.stderr
+
+
 def test_external_s3_skips_minio_and_uses_the_existing_secret():
     docs = template("--set", "s3.external.endpoint=https://s3.example.com",
                     "--set", "s3.external.existingSecret=my-s3")
@@ -118,6 +159,8 @@ def test_notes_tell_the_next_commands():
 @pytest.mark.parametrize("args, message", [
     (["--set", "bogus=1"], "bogus"),
     (["--set", "minio.persistance.size=1Gi"], "persistance"),
+    (["--set", "s3.server=ceph"], "server"),
+    (["--set", "seaweedfs.secretKey=short"], "secretKey"),
     (["--set", "jobs.pretrain.replicas=0"], "replicas"),
     (["--set", "jobs.pretrain.nprocPerNode=eight"], "nprocPerNode"),
     (["--set", "jobs.defaults.restartPolicy=Sometimes"], "restartPolicy"),
@@ -159,15 +202,17 @@ def test_cluster_values_render_rdma_annotations_volumes_ttl_and_priority():
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "imagenet"}} in template_["spec"]["volumes"]
 
 
-def test_hook_and_test_pods_use_the_cpu_image():
+def test_hook_and_test_pods_use_the_services_image():
     docs = template()
     hooks = [d for d in docs if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
     assert len(hooks) == 3
     for obj in hooks:
         spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Job" else obj["spec"]
-        assert spec["containers"][0]["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-cpu"
-    docs = template("--set", "image.tag=0.1.0-cpu")
-    assert all("-cpu-cpu" not in yaml.safe_dump(d) for d in docs)
+        assert spec["containers"][0]["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-services"
+    docs = template("--set", "image.tag=0.1.0-cpu")  # the CI values: the CPU image for the jobs
+    assert all("-cpu-services" not in yaml.safe_dump(d) for d in docs)
+    hook = next(d for d in template("--set", "hooks.image.tag=0.1.0-cpu") if d["kind"] == "Job")
+    assert hook["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-cpu"
 
 
 def test_volume_pods_skip_the_recursive_chown():

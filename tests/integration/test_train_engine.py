@@ -118,6 +118,13 @@ def test_teacher_is_identical_across_zero_stages_1_2_3(uninterrupted):
     assert len(losses[1]) == STEPS
     for stage in (2, 3):
         assert losses[stage] == pytest.approx(losses[1], abs=1e-5)
+    # the recipe's per-module clipping ran in the job (its norms logged), the same on every stage
+    norms = {s: [[row["losses"][f"grad_norm_{m}"] for m in ("backbone", "dino_head")]  # one shared head
+                 for row in uninterrupted[s]["samples"][0]] for s in (1, 2, 3)}
+    assert all(v > 0 for row in norms[1] for v in row)
+    assert "grad_norm_ibot_head" not in uninterrupted[1]["samples"][0][0]["losses"]
+    for stage in (2, 3):
+        assert norms[stage] == pytest.approx(norms[1], rel=1e-4)
 
 
 def test_training_moves_the_teacher_and_writes_checkpoints_and_export(uninterrupted, synth_store):
@@ -128,6 +135,19 @@ def test_training_moves_the_teacher_and_writes_checkpoints_and_export(uninterrup
     assert list_tags(synth_store.as_uri(), run) == ["step-00000002", "step-00000004"]
     summary = json.loads((synth_store / "runs" / run / "export" / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["final_losses"]["total_loss"] > 0
+    # the optimizer groups the job made: the recipe's (tokens decayed), saved for resumes to check
+    from app.config import load_config
+    from app.ssl.meta_arch import build_network
+    from app.ssl.param_groups import get_params_groups, group_layout
+
+    cmd = _cmd(synth_store, run, 2)
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    cfg = load_config("demo", sets)
+    want = group_layout(get_params_groups(build_network(cfg), cfg.optim.layerwise_decay,
+                                          cfg.optim.patch_embed_lr_mult, decay_tokens=True))
+    state = json.loads((synth_store / "runs" / run / "checkpoints" / "step-00000004" /
+                        "train_state.json").read_text())
+    assert state["param_groups"] == want
     # ranks see disjoint samples, and every step has a full batch
     keys0 = [k for row in uninterrupted[2]["samples"][0] for k in row["keys"]]
     keys1 = [k for row in uninterrupted[2]["samples"][1] for k in row["keys"]]

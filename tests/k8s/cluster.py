@@ -177,11 +177,20 @@ class PodmanCluster:
         if obj["kind"] == "Pod":
             return obj
         template = obj["spec"]["template"]
-        suffix = str(index) if obj["kind"] == "StatefulSet" else f"{index}"
-        return {"metadata": {"name": f"{obj['metadata']['name']}-{suffix}",
+        name = f"{obj['metadata']['name']}-{index}"
+        spec = json.loads(json.dumps(template["spec"]))
+        if obj["kind"] == "StatefulSet":  # each claim template: a PVC <claim>-<pod>, as the controller makes
+            for claim in obj["spec"].get("volumeClaimTemplates") or []:
+                pvc = f"{claim['metadata']['name']}-{name}"
+                path = self.workdir / "pvc" / pvc
+                path.mkdir(parents=True, exist_ok=True)
+                self.pvcs.setdefault(pvc, path)
+                spec.setdefault("volumes", []).append(
+                    {"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": pvc}})
+        return {"metadata": {"name": name,
                              "labels": dict((template.get("metadata") or {}).get("labels") or {}),
                              "annotations": dict((template.get("metadata") or {}).get("annotations") or {})},
-                "spec": template["spec"]}
+                "spec": spec}
 
     # -- translation: a pod spec -> podman arguments -------------------------------------------
     def _env(self, container: dict, meta: dict, where: str) -> dict[str, str]:

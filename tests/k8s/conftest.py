@@ -1,5 +1,5 @@
 """Fixtures of the podman-backed cluster tests (scripts/test-k8s runs them; skipped without podman
-or without the CPU image, which scripts/test-k8s builds)."""
+or without the CPU and services images, which scripts/test-k8s builds)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from tests.k8s.cluster import PODMAN
 
 CPU_IMAGE = os.environ.get("DINOCTL_CPU_IMAGE", "ghcr.io/dinoctl/dinoctl:0.1.0-cpu")
+SERVICES_IMAGE = os.environ.get("DINOCTL_SERVICES_IMAGE", "ghcr.io/dinoctl/dinoctl:0.1.0-services")
 BASE_IMAGE = os.environ.get("DINOCTL_BASE_IMAGE", "docker.io/library/python:3.11-slim-bookworm")
 
 
@@ -29,7 +30,7 @@ def _missing(why: str) -> None:
 def images() -> dict[str, str]:
     if not shutil.which(PODMAN):
         _missing("podman is not installed (scripts/test-k8s installs it)")
-    for name in (CPU_IMAGE, BASE_IMAGE):
+    for name in (CPU_IMAGE, SERVICES_IMAGE, BASE_IMAGE):
         if not _have_image(name):
             _missing(f"image {name} is not built (scripts/test-k8s builds it)")
-    return {"cpu": CPU_IMAGE, "base": BASE_IMAGE}
+    return {"cpu": CPU_IMAGE, "services": SERVICES_IMAGE, "base": BASE_IMAGE}

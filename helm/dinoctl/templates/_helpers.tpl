@@ -45,24 +45,61 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The small CPU image for hook and test pods: no multi-GB CUDA pull inside Helm's hook timeout. */}}
+{{/* The services image (docker/Dockerfile.services: MLflow, SeaweedFS, python + minio client). */}}
+{{- define "dinoctl.servicesImage" -}}
+{{- $repo := default .Values.image.repository .Values.services.image.repository }}
+{{- $tag := printf "%s-services" (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
+{{- printf "%s:%s" $repo (default $tag .Values.services.image.tag) }}
+{{- end }}
+
+{{/* Hook and test pods: the small services image (no multi-GB CUDA pull inside Helm's hook
+timeout), unless hooks.image names another. */}}
 {{- define "dinoctl.hookImage" -}}
+{{- if or .Values.hooks.image.repository .Values.hooks.image.tag }}
 {{- $repo := default .Values.image.repository .Values.hooks.image.repository }}
-{{- $tag := printf "%s-cpu" (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
+{{- $tag := printf "%s-services" (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
 {{- printf "%s:%s" $repo (default $tag .Values.hooks.image.tag) }}
+{{- else }}
+{{- include "dinoctl.servicesImage" . }}
+{{- end }}
+{{- end }}
+
+{{/* The MLflow server image: the services image unless mlflow.image.repository is set. */}}
+{{- define "dinoctl.mlflowImage" -}}
+{{- if .Values.mlflow.image.repository }}
+{{- printf "%s:%s" .Values.mlflow.image.repository (required "mlflow.image.tag is required with mlflow.image.repository" .Values.mlflow.image.tag) }}
+{{- else }}
+{{- include "dinoctl.servicesImage" . }}
+{{- end }}
 {{- end }}
 
 {{- define "dinoctl.serviceAccountName" -}}
 {{- default (printf "%s-submitter" (include "dinoctl.fullname" .)) .Values.serviceAccount.name }}
 {{- end }}
 
-{{/* True (non-empty) when the chart runs MinIO itself. */}}
-{{- define "dinoctl.minioEnabled" -}}
-{{- if and .Values.minio.enabled (not .Values.s3.external.endpoint) }}true{{ end }}
+{{/* The S3 server: seaweedfs or minio (the chart runs it), or external (s3.external.endpoint;
+setting the endpoint alone also means external). */}}
+{{- define "dinoctl.s3Server" -}}
+{{- if .Values.s3.external.endpoint }}external
+{{- else if eq .Values.s3.server "external" }}
+{{- fail "s3.server=external needs s3.external.endpoint (and s3.external.existingSecret)" }}
+{{- else }}{{ .Values.s3.server }}
+{{- end }}
 {{- end }}
 
-{{- define "dinoctl.minioHost" -}}
-{{- printf "%s-minio" (include "dinoctl.fullname" .) }}
+{{/* True (non-empty) when the chart runs an S3 server itself (SeaweedFS or MinIO). */}}
+{{- define "dinoctl.s3Bundled" -}}
+{{- if ne (include "dinoctl.s3Server" .) "external" }}true{{ end }}
+{{- end }}
+
+{{/* Component label and name suffix of the bundled server: s3 (SeaweedFS) or minio. */}}
+{{- define "dinoctl.s3Component" -}}
+{{- if eq (include "dinoctl.s3Server" .) "minio" }}minio{{ else }}s3{{ end }}
+{{- end }}
+
+{{/* Service, StatefulSet and NetworkPolicy name of the bundled server. */}}
+{{- define "dinoctl.s3Host" -}}
+{{- printf "%s-%s" (include "dinoctl.fullname" .) (include "dinoctl.s3Component" .) }}
 {{- end }}
 
 {{- define "dinoctl.mlflowHost" -}}
@@ -73,19 +110,22 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- if .Values.s3.external.endpoint }}
 {{- .Values.s3.external.endpoint }}
 {{- else }}
-{{- printf "http://%s.%s.svc:9000" (include "dinoctl.minioHost" .) .Release.Namespace }}
+{{- printf "http://%s.%s.svc:9000" (include "dinoctl.s3Host" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* An existing Secret with the S3 keys, named for the server in use, or empty. */}}
+{{- define "dinoctl.s3ExistingSecret" -}}
+{{- $server := include "dinoctl.s3Server" . }}
+{{- if eq $server "external" }}{{ .Values.s3.external.existingSecret }}
+{{- else if eq $server "minio" }}{{ .Values.minio.existingSecret }}
+{{- else }}{{ .Values.seaweedfs.existingSecret }}
 {{- end }}
 {{- end }}
 
 {{/* The Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ours, or an existing one). */}}
 {{- define "dinoctl.s3SecretName" -}}
-{{- if .Values.s3.external.endpoint }}
-{{- .Values.s3.external.existingSecret }}
-{{- else if .Values.minio.existingSecret }}
-{{- .Values.minio.existingSecret }}
-{{- else }}
-{{- printf "%s-s3" (include "dinoctl.fullname" .) }}
-{{- end }}
+{{- default (printf "%s-s3" (include "dinoctl.fullname" .)) (include "dinoctl.s3ExistingSecret" .) }}
 {{- end }}
 
 {{- define "dinoctl.settingsName" -}}

@@ -158,6 +158,9 @@ def test_the_student_ema_follows_the_momentum_schedule_by_default(tmp_path):
     momentum schedule (0.994 -> 1 in the ViT-S/14 preset), not a constant."""
     from app.ssl.schedules import Schedules
 
+    from app.config import DistillConfig
+
+    assert DistillConfig().student_ema == "schedule"  # the default, whatever a preset says
     preset = load_config("distill_vits14_from_vitg14")
     assert preset.distill.student_ema == "schedule" and preset.teacher.momentum_teacher == 0.994
     cfg = prepare_config(_cfg(tmp_path.as_uri(), "distill.max_steps=20", "distill.student_ema=schedule",

@@ -88,3 +88,22 @@ def test_dinoctl_train_registers_and_builds_the_torchrun_command():
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[cmd.index("app.entry") + 1] == "pretrain"
     assert cmd[-4:] == ["--set", "train.max_steps=3", "--resume", "auto"]
+
+
+def test_a_checkpoint_of_another_parameter_group_layout_is_refused_in_one_line(tmp_path):
+    """Flipping `optim.decay_learned_tokens` moves the tokens to other optimizer groups: the
+    checkpoint's optimizer state cannot be loaded, and the resume says why before DeepSpeed does."""
+    from app.ssl.meta_arch import build_network
+    from app.ssl.param_groups import get_params_groups, group_layout
+
+    cfg = load_config("demo", ["model.img_size=42", "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32"])
+    net = build_network(cfg)
+    decayed = group_layout(get_params_groups(net, 0.9, 0.2, decay_tokens=True))
+    exempt = group_layout(get_params_groups(net, 0.9, 0.2, decay_tokens=False))
+    assert decayed != exempt
+    remote = storage.join(tmp_path.as_uri(), "runs", "r", "checkpoints", "step-00000002")
+    storage.put_json(storage.join(remote, ckpt.STATE_FILE), {"world_size": 1, "zero_stage": 2, "step": 2,
+                                                             "param_groups": decayed})
+    with pytest.raises(ValueError, match="another optimizer parameter-group layout") as info:
+        ckpt.load_checkpoint(None, None, remote, "r", 0, 1, 2, exempt)
+    assert "decay_learned_tokens" in str(info.value) and "\n" not in str(info.value)
