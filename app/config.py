@@ -330,6 +330,14 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["curate", "pretrain", "distill", "eval", "register"])
     synth: bool = False  # generate the synthetic data set first (demo)
     synth_size: int = 600
+    # Settings for one stage's job only, "<stage>:<key>=<value>", e.g. "pretrain:launch.replicas=4"
+    # or "pretrain:launch.gpus_per_node=8" (the chart's pipeline.stageLaunch writes these).
+    stage_overrides: list[str] = field(default_factory=list)
+    # One driver at a time per pipeline run: it holds <store>/runs/<run.name>/pipeline/LEASE.json,
+    # renewed every lease_ttl_s / 4; another driver is refused after 1.5 x lease_ttl_s + 2 s while
+    # it stays fresh, or takes over the lease of a killed one (not renewed for lease_ttl_s) and
+    # adopts its jobs.
+    lease_ttl_s: int = 60
 
 
 @dataclass
@@ -545,11 +553,37 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     return cfg
 
 
+def _uri_layers(uri: str) -> list[tuple[dict, str]]:
+    """A config file in storage (`s3://...`, `file://...`: a pipeline stage's resolved config);
+    its `_base_`, if any, names a preset."""
+    from app import storage
+
+    try:
+        text = storage.get_bytes(uri).decode()
+    except storage.StorageError as exc:
+        raise ConfigError(f"config {uri}: {exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{uri}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri}: top level must be a mapping")
+    base = data.pop("_base_", None)
+    layers = _load_layers(resolve_preset(base)) if base else []
+    return layers + [(data, uri)]
+
+
+def is_uri(text: str | Path) -> bool:
+    return isinstance(text, str) and "://" in text
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the preset (and its `_base_` chain), then `--set` overrides."""
+    """Defaults, then the preset (and its `_base_` chain), then `--set` overrides. `preset` may
+    be a storage URI of a config file (what a pipeline hands its stage jobs)."""
     cfg = Config()
     if preset is not None:
-        for data, source in _load_layers(resolve_preset(preset)):
+        layers = _uri_layers(preset) if is_uri(preset) else _load_layers(resolve_preset(preset))
+        for data, source in layers:
             _build(Config, data, "", source, base=cfg)
     cfg = apply_overrides(cfg, overrides)
     resolve_locations(cfg)
@@ -620,6 +654,10 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"'{key}' must be one of {', '.join(choices)}, got {value!r}")
+    for item in cfg.pipeline.stage_overrides:
+        stage, sep, setting = item.partition(":")
+        if not sep or not stage or "=" not in setting:
+            raise ConfigError(f"'pipeline.stage_overrides': '{item}' is not <stage>:<key>=<value>")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"'train.zero_stage' must be 0..3, got {cfg.train.zero_stage}")
     if cfg.train.batch_size_per_gpu < 1:

@@ -30,7 +30,11 @@ def get_executor(backend: str = "local", namespace: str | None = None):
             from app.launch.kubernetes import KubernetesExecutor
         except ImportError as exc:
             raise _user_error(f"--backend k8s is not available: {exc}") from None
-        return KubernetesExecutor(namespace=namespace) if namespace else KubernetesExecutor()
+        # The chart's object names when its release is not called "dinoctl" (its pipeline Job sets them).
+        options = {k: os.environ[e] for k, e in (("s3_secret", "DINOCTL_S3_CREDENTIALS_REF"),
+                                                  ("settings_configmap", "DINOCTL_SETTINGS_CONFIGMAP"))
+                   if os.environ.get(e)}
+        return KubernetesExecutor(namespace=namespace or "default", render_options=options)
     raise _user_error(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
 
 
@@ -82,11 +86,13 @@ def pod_config_error(config: str) -> str | None:
 
     if config.startswith(CONFIG_MOUNT + "/"):
         return None
+    if config.startswith("s3://"):  # in the store every pod reads (a pipeline's stage configs)
+        return None
     if "/" not in config and not config.endswith((".yaml", ".yml")) and (CONFIG_DIR / f"{config}.yaml").exists():
         return None
     return (f"--config: '{config}' is not in the image: with --backend k8s use a preset name "
-            f"(one of configs/*.yaml) or a stage config of the chart under {CONFIG_MOUNT}/, "
-            "and --set for changes")
+            f"(one of configs/*.yaml), a stage config of the chart under {CONFIG_MOUNT}/ or an "
+            "s3:// URI, and --set for changes")
 
 
 def _spec_from_args(args) -> JobSpec:

@@ -5,6 +5,16 @@ in this pipeline run, `not available` when its code is not built yet (never fake
 a stage it needs is unavailable or failed, else it runs. A pipeline whose stages are all cached
 is a no-op: no job, no MLflow run. Otherwise one MLflow parent run wraps the stage jobs, and each
 stage process attaches its own child run through `DINOCTL_PARENT_RUN_ID`.
+
+The driver is restartable, on either backend:
+- each stage's resolved config is written to the store (`<store>/runs/<run>/pipeline/<stage>.yaml`)
+  and the job reads it from there (`--config <uri>`): a pod never needs a file of this machine;
+- job names are `<run>-<stage>-<attempt>`: a driver started again finds the stage's newest
+  attempt still running and adopts it (waits on it) instead of submitting a second job; a finished
+  attempt of a stage whose marker is missing (it failed) is followed by attempt + 1, which resumes
+  from its run's LATEST checkpoint (`train.resume: auto`);
+- one driver at a time: it holds a lease on `<store>/runs/<run>/pipeline/` (app/storage/lease.py);
+- `state.json` there records each stage's status, job and attempt (`dinoctl pipeline status`).
 """
 
 from __future__ import annotations
@@ -13,10 +23,12 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from app import storage
@@ -27,14 +39,53 @@ from app.progress import ProgressView, parse_progress
 log = logging.getLogger(__name__)
 
 
+LABEL_PIPELINE = "dinoctl.dev/pipeline"
+LABEL_ATTEMPT = "dinoctl.dev/attempt"
+STATE_FILE = "state.json"
+
+
+class PipelineBusy(RuntimeError):
+    """Another driver holds this pipeline run's lease; the message names it."""
+
+
 @dataclass
 class StageResult:
     name: str
-    status: str  # ran | cached | not available | blocked | failed | planned
+    status: str  # ran | cached | not available | blocked | failed | planned | running
     seconds: float = 0.0
     metric: str = ""
     job: str = ""
     detail: str = ""
+    attempt: int = 0
+
+
+def pipeline_uri(cfg: Config, *parts: str) -> str:
+    """Where the driver keeps a pipeline run's stage configs, lease and state."""
+    return storage.join(storage.to_uri(cfg.run.store), "runs", cfg.run.name, "pipeline", *parts)
+
+
+def stage_job_name(run: str, stage: str, attempt: int) -> str:
+    """`<run>-<stage>-<attempt>` as a DNS-1035 label (the same for every driver of the run); a
+    long run name is cut, never the stage or the attempt."""
+    from app.launch.commands import dns1035
+
+    suffix = f"-{stage}-{attempt}"
+    return dns1035(run, 63 - len(suffix)) + suffix
+
+
+def stage_overrides(cfg: Config, stage: str) -> list[str]:
+    """The `--set` items `pipeline.stage_overrides` gives this stage's job."""
+    out = []
+    for item in cfg.pipeline.stage_overrides:
+        name, _, setting = item.partition(":")
+        if name == stage:
+            out.append(setting)
+    return out
+
+
+def read_state(cfg: Config) -> dict | None:
+    uri = pipeline_uri(cfg, STATE_FILE)
+    return storage.get_json(uri) if storage.exists(uri) else None
 
 
 def _metric_text(stage: Stage, cfg: Config) -> str:
@@ -50,6 +101,9 @@ def plan(cfg: Config, registry: dict[str, Stage], force: set[str]) -> list[Stage
     unknown = [s for s in cfg.pipeline.stages if s not in registry]
     if unknown:
         raise ConfigError(f"'pipeline.stages' has unknown stage(s) {unknown}; known: {', '.join(registry)}")
+    stray = sorted({i.partition(":")[0] for i in cfg.pipeline.stage_overrides} - set(cfg.pipeline.stages))
+    if stray:
+        raise ConfigError(f"'pipeline.stage_overrides' names stage(s) {stray} not in pipeline.stages")
     results: dict[str, StageResult] = {}
     for name in cfg.pipeline.stages:
         stage = registry[name]
@@ -72,14 +126,18 @@ def plan(cfg: Config, registry: dict[str, Stage], force: set[str]) -> list[Stage
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, executor, home: str | Path, registry: dict[str, Stage] | None = None,
+    def __init__(self, cfg: Config, executor, registry: dict[str, Stage] | None = None,
                  echo: Callable[[str], None] = print, progress: ProgressView | None = None):
         self.cfg = cfg
         self.executor = executor
-        self.home = Path(home)
         self.registry = registry or REGISTRY
         self.echo = echo
         self.progress = progress or ProgressView()
+        self.driver = f"driver:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.kubernetes = getattr(executor, "backend", "local") == "kubernetes"
+        if self.kubernetes and not storage.to_uri(cfg.run.store).startswith("s3://"):
+            raise ConfigError(f"'run.store' is {cfg.run.store}: stage pods cannot read it; with "
+                              "--backend k8s the store is s3:// (set DINOCTL_STORE or --set run.store=s3://...)")
 
     def run(self, force: set[str] | None = None) -> list[StageResult]:
         cfg, force = self.cfg, set(force or ())
@@ -92,8 +150,9 @@ class Pipeline:
         if not synth_needed and not any(r.status == "planned" for r in results):
             return results  # all done already: a no-op
 
-        with _ParentRun(cfg) as parent:
+        with self._lease(), _ParentRun(cfg) as parent:
             parent_id = parent.run_id
+            self._save_state(results, parent_id)
             if synth_needed:
                 synth = self._synth()
                 results.insert(0, synth)
@@ -108,13 +167,40 @@ class Pipeline:
                 if failed:
                     r.status, r.detail = "blocked", f"{failed} failed"
                     continue
-                self._run_stage(r, upstream, parent_id)
+                self._run_stage(r, upstream, parent_id, lambda: self._save_state(results, parent_id))
                 if r.status == "ran":
                     upstream[r.name] = self.registry[r.name].output_uri(cfg)
                 else:
                     failed = r.name
+            self._save_state(results, parent_id)
             parent.log_results(results)
         return results
+
+    @contextlib.contextmanager
+    def _lease(self):
+        from app.storage.lease import Lease, LeaseHeld
+
+        ttl = float(self.cfg.pipeline.lease_ttl_s)
+        lease = Lease(pipeline_uri(self.cfg), ttl_s=ttl, holder=self.driver)
+        try:  # a live holder renews every ttl / 4: still fresh after 1.5 ttl means alive
+            lease.acquire(wait_s=1.5 * ttl + 2, poll_s=min(2.0, ttl / 4))
+        except LeaseHeld as exc:
+            raise PipelineBusy(f"pipeline {self.cfg.run.name}: another driver is running it "
+                               f"({exc}); one driver at a time adopts the stage jobs") from None
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def _save_state(self, results: list[StageResult], parent_id: str) -> None:
+        """state.json: what `dinoctl pipeline status` shows. A store hiccup costs the view only."""
+        state = {"run": self.cfg.run.name, "backend": getattr(self.executor, "backend", "local"),
+                 "driver": self.driver, "parent_run_id": parent_id, "updated_at": time.time(),
+                 "stages": [dataclasses.asdict(r) for r in results]}
+        try:
+            storage.put_json(pipeline_uri(self.cfg, STATE_FILE), state)
+        except storage.StorageError as exc:
+            log.warning("pipeline state not saved: %s", exc)
 
     def _synth(self) -> StageResult:
         from app.data.synth import synthesize
@@ -133,38 +219,55 @@ class Pipeline:
         n = sum(s["num_samples"] for s in summary["splits"].values())
         return StageResult("synth", "ran", time.monotonic() - started, metric=f"images={n}")
 
-    def stage_config(self, stage: Stage, upstream: dict[str, str]) -> tuple[Config, Path]:
-        """The stage's resolved config (upstream URIs applied), written where the job reads it."""
-        cfg = apply_overrides(copy.deepcopy(self.cfg), stage.inputs(self.cfg, upstream))
-        path = self.home / "pipelines" / self.cfg.run.name / f"{stage.name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = dump_yaml(cfg)
-        path.write_text(text)
-        # Keep the resolved config next to the outputs too (DESIGN §3 Config).
-        storage.put_bytes(storage.join(storage.to_uri(self.cfg.run.store), "runs", self.cfg.run.name,
-                                       "pipeline", f"{stage.name}.yaml"), text.encode())
-        return cfg, path
+    def stage_config(self, stage: Stage, upstream: dict[str, str]) -> tuple[Config, str]:
+        """The stage's resolved config (upstream URIs and `pipeline.stage_overrides` applied),
+        written to the store, where the job reads it (any backend: a pod reads s3://)."""
+        overrides = stage.inputs(self.cfg, upstream) + stage_overrides(self.cfg, stage.name)
+        cfg = apply_overrides(copy.deepcopy(self.cfg), overrides)
+        uri = pipeline_uri(self.cfg, f"{stage.name}.yaml")
+        storage.put_bytes(uri, dump_yaml(cfg).encode())
+        return cfg, uri
 
-    def _run_stage(self, r: StageResult, upstream: dict[str, str], parent_id: str) -> None:
-        import secrets
+    def _find_attempt(self, stage: str) -> tuple[int, Any]:
+        """The attempt to run: the newest one of this stage still running (adopted), else the
+        first number no job has taken. Returns (attempt, its JobStatus or None)."""
+        jobs = {j.name: j for j in self.executor.list()}
+        attempt = 1
+        while True:
+            found = jobs.get(stage_job_name(self.cfg.run.name, stage, attempt))
+            if found is None or not found.done:
+                return attempt, found
+            attempt += 1
 
-        from app.launch.commands import dns1035, spec_from_config
+    def _run_stage(self, r: StageResult, upstream: dict[str, str], parent_id: str,
+                   saved: Callable[[], None] = lambda: None) -> None:
+        from app.launch.commands import spec_from_config
 
         stage = self.registry[r.name]
-        cfg, path = self.stage_config(stage, upstream)
-        suffix = f"-{secrets.token_hex(2)}"
-        name = dns1035(f"{self.cfg.run.name}-{r.name}", 63 - len(suffix)) + suffix
-        spec = spec_from_config(cfg, stage.entry, [*stage.entry_args, "--config", str(path)], name=name,
-                                entry_module=stage.entry_module)
-        env = dict(spec.env)
-        if parent_id:
-            from app.tracking import tracking_uri
-
-            env.update(DINOCTL_PARENT_RUN_ID=parent_id, MLFLOW_TRACKING_URI=tracking_uri())
-        spec = dataclasses.replace(spec, env=tuple(env.items()))
+        r.attempt, running = self._find_attempt(r.name)
+        r.job = stage_job_name(self.cfg.run.name, r.name, r.attempt)
         started = time.monotonic()
-        r.job = self.executor.submit(spec)
-        self.echo(f"{r.name}: running job {r.job}  (dinoctl logs {r.job} --follow)")
+        if running is not None:
+            self.echo(f"{r.name}: adopting job {r.job}, still {running.phase.lower()} "
+                      f"(attempt {r.attempt}, started by an earlier driver)")
+        else:
+            cfg, uri = self.stage_config(stage, upstream)
+            spec = spec_from_config(cfg, stage.entry, [*stage.entry_args, "--config", uri], name=r.job,
+                                    entry_module=stage.entry_module)
+            env = dict(spec.env)
+            if parent_id:
+                env["DINOCTL_PARENT_RUN_ID"] = parent_id
+                if not self.kubernetes:  # pods take MLflow's address from the cluster's settings
+                    from app.tracking import tracking_uri
+
+                    env["MLFLOW_TRACKING_URI"] = tracking_uri()
+            labels = {**dict(spec.labels), LABEL_PIPELINE: dns_value(self.cfg.run.name),
+                      LABEL_ATTEMPT: str(r.attempt)}
+            spec = dataclasses.replace(spec, env=tuple(env.items()), labels=tuple(labels.items()))
+            r.job = self.executor.submit(spec)
+            self.echo(f"{r.name}: running job {r.job}  (dinoctl logs {r.job} --follow)")
+        r.status = "running"
+        saved()
         with follow_progress(self.executor, r.job, self.progress):
             status = self.executor.wait(r.job)
         r.seconds = time.monotonic() - started
@@ -177,6 +280,13 @@ class Pipeline:
         else:
             r.status, r.metric = "ran", _metric_text(stage, self.cfg)
         self.echo(f"{r.name}: {r.status} in {r.seconds:.1f} s" + (f" ({r.detail})" if r.detail else ""))
+
+
+def dns_value(text: str) -> str:
+    """A Kubernetes label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63].strip("-._") or "x"
 
 
 @contextlib.contextmanager
@@ -243,6 +353,40 @@ class _ParentRun:
 
     def __exit__(self, *exc: Any) -> bool:
         return bool(self.ctx.__exit__(*exc)) if self.ctx is not None else False
+
+
+def status_rows(cfg: Config, executor, registry: dict[str, Stage] | None = None) -> list[list[str]]:
+    """One row per stage for `dinoctl pipeline status`: STAGE, STATUS (done when its marker
+    exists, else what the last driver recorded), JOB, PHASE and RESTARTS (asked of the backend
+    now), KEY METRIC, NOTE."""
+    registry = registry or REGISTRY
+    recorded = {s["name"]: s for s in (read_state(cfg) or {}).get("stages", [])}
+    planned = {r.name: r for r in plan(cfg, registry, set())}
+    rows = []
+    for name in [*(["synth"] if "synth" in recorded else []), *cfg.pipeline.stages]:
+        rec, p = recorded.get(name, {}), planned.get(name)
+        if p is not None and p.status in ("not available", "blocked"):
+            status, note = p.status, p.detail
+        elif name in registry and storage.exists(registry[name].marker(cfg)):
+            status, note = "done", ""
+        else:
+            status, note = rec.get("status") or "pending", rec.get("detail", "")
+        job, phase, restarts = rec.get("job", ""), "-", "-"
+        if job:
+            try:
+                live = executor.status(job)
+                phase, restarts = live.phase, str(live.restarts)
+            except Exception as exc:  # noqa: BLE001 - a deleted job still has a row
+                phase = f"unknown ({str(exc).splitlines()[0][:80]})"
+        metric = _metric_text(registry[name], cfg) if status == "done" and name in registry else ""
+        rows.append([name, status, job or "-", phase, restarts, metric or rec.get("metric") or "-", note])
+    return rows
+
+
+def status_table(rows: list[list[str]]) -> str:
+    from app.launch.commands import format_table
+
+    return format_table(rows, ["STAGE", "STATUS", "JOB", "PHASE", "RESTARTS", "KEY METRIC", "NOTE"])
 
 
 def summary_table(results: list[StageResult]) -> str:

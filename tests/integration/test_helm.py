@@ -171,6 +171,8 @@ def test_notes_tell_the_next_commands():
     (["--set", "s3.bucket=Bad_Bucket"], "bucket"),
     (["--set", "minio.rootPassword=short"], "rootPassword"),
     (["--set", "jobs.defaults.queue=Team Queue"], "queue"),
+    (["--set", "pipeline.stages={curate,train}"], "stages"),
+    (["--set-json", 'pipeline.stageLaunch={"pretrain": {"gpu": 8}}'], "gpu"),
 ])
 def test_schema_rejects_bad_values(args, message):
     proc = helm("template", "dinoctl", str(CHART), *args, check=False)
@@ -213,6 +215,39 @@ def test_hook_and_test_pods_use_the_services_image():
     assert all("-cpu-services" not in yaml.safe_dump(d) for d in docs)
     hook = next(d for d in template("--set", "hooks.image.tag=0.1.0-cpu") if d["kind"] == "Job")
     assert hook["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-cpu"
+
+
+def test_the_pipeline_driver_job_runs_dinoctl_pipeline_with_the_submitter_account(tmp_path):
+    from app.config import load_config
+
+    docs = template("--set", "pipeline.enabled=true", "--set", "pipeline.stages={curate,pretrain,distill}",
+                    "--set-json", 'pipeline.stageLaunch={"pretrain": {"replicas": 4, "nprocPerNode": 8, "gpus": 8}}',
+                    "--set", "pipeline.overrides={train.max_steps=100}")
+    (job,) = [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "dinoctl-pipeline"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "dinoctl-submitter" and pod["automountServiceAccountToken"] is True
+    (c,) = pod["containers"]
+    assert c["image"] == "ghcr.io/dinoctl/dinoctl:0.1.0-cpu"
+    assert c["command"][:5] == ["dinoctl", "pipeline", "run", "--backend", "k8s"]
+    assert c["command"][c["command"].index("--namespace") + 1] == "ml"
+    assert c["args"] == ["--set", "train.max_steps=100"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["DINOCTL_STORE"]["valueFrom"]["configMapKeyRef"]["name"] == "dinoctl-settings"
+    assert env["DINOCTL_S3_CREDENTIALS_REF"]["value"] == "dinoctl-s3"
+    # its config: the ConfigMap key it mounts, a real dinoctl config
+    config = c["command"][c["command"].index("--config") + 1]
+    assert config == "/etc/dinoctl/configs/pipeline.yaml"
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "dinoctl-configs")
+    (tmp_path / "pipeline.yaml").write_text(cm["data"]["pipeline.yaml"])
+    cfg = load_config(str(tmp_path / "pipeline.yaml"), ["run.store=s3://dinoctl/store"])
+    assert cfg.pipeline.stages == ["curate", "pretrain", "distill"]
+    assert sorted(cfg.pipeline.stage_overrides) == ["pretrain:launch.gpus_per_node=8",
+                                                     "pretrain:launch.nproc_per_node=8", "pretrain:launch.replicas=4"]
+    assert cfg.launch.namespace == "ml" and cfg.launch.image == "ghcr.io/dinoctl/dinoctl:0.1.0"
+    assert not any(d["metadata"]["name"] == "dinoctl-pipeline" for d in template())  # off by default
+    out = helm("install", "dinoctl", str(CHART), "--namespace", "ml", "--dry-run=client",
+               "--set", "pipeline.enabled=true").stdout
+    assert "kubectl -n ml logs -f job/dinoctl-pipeline" in out and "replace --force" in out
 
 
 def test_volume_pods_skip_the_recursive_chown():

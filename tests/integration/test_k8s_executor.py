@@ -9,81 +9,16 @@ reaction, so logs are served per pod by a reaction declared here.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-
 import pytest
-import yaml
 
-kmock = pytest.importorskip("kmock", reason="kmock is not installed (pip install -e .[dev])")
+pytest.importorskip("kmock", reason="kmock is not installed (pip install -e .[dev])")
 from kubernetes import client  # noqa: E402
 
 from app.errors import UserError  # noqa: E402
 from app.launch.jobspec import JobSpec  # noqa: E402
 from app.launch.kubernetes import KubernetesExecutor  # noqa: E402
 from app.launch.webhook import validate_pytorchjob  # noqa: E402
-
-NS = "ml"
-PYTORCHJOBS = "kubeflow.org/v1/pytorchjobs"
-MASTER_LOG = b"step 1 loss 9.1\nstep 2 loss 8.7\n"
-WORKER_LOG = b"worker says hi\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class FakeCluster:
-    """kmock's KubernetesEmulator served on a free port from its own event-loop thread."""
-
-    def __init__(self, with_crd: bool = True):
-        self.with_crd = with_crd
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
-        self._thread.start()
-        if not self._ready.wait(15):
-            raise RuntimeError("kmock did not start within 15 s")
-
-    async def _main(self):
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self.k = kmock.KubernetesEmulator()
-        if self.with_crd:
-            self.k.resources[PYTORCHJOBS] = kmock.ResourceInfo(
-                kind="PyTorchJob", namespaced=True, subresources={"status", "scale"},
-                verbs={"get", "list", "create", "delete", "patch", "update", "watch"})
-        self.k.resources["v1/pods"] = kmock.ResourceInfo(
-            kind="Pod", namespaced=True, subresources={"log"}, verbs={"get", "list", "create"})
-        self.k[lambda r: r.subresource == "log" and "worker" in (r.name or "")] << WORKER_LOG
-        self.k[lambda r: r.subresource == "log" and "master" in (r.name or "")] << MASTER_LOG
-        async with self.k, kmock.Server(self.k, port=_free_port()) as server:
-            self.url = str(server.url).rstrip("/")
-            self._ready.set()
-            await self._stop.wait()
-
-    def forbid(self, method: str) -> None:
-        """Every later `method` request answers 403, as an RBAC-less service account gets."""
-        self.k[lambda r: str(r.method).upper().endswith(method)] << kmock.KubernetesError(
-            status=403, reason="Forbidden",
-            message=f'pytorchjobs.kubeflow.org is forbidden: User "system:serviceaccount:{NS}:default" '
-                    "cannot create resource \"pytorchjobs\" in API group \"kubeflow.org\"")
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def kubeconfig(self, path) -> str:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "not-a-secret"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester",
-                                                       "namespace": NS}}],
-        }))
-        return str(path)
+from tests.kmock_cluster import NS, FakeCluster, free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -249,7 +184,7 @@ def test_forbidden_names_the_rbac_fix(executor, cluster):
 
 
 def test_unreachable_api_server_is_a_one_line_error(tmp_path):
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     cfg = client.Configuration()
     cfg.host = f"http://127.0.0.1:{port}"
     cfg.retries = 0

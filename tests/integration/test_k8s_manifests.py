@@ -26,7 +26,8 @@ CRD = Path(os.environ.get("DINOCTL_PYTORCHJOB_CRD",
                           ROOT.parent / "shared" / "crds" / "kubeflow.org_pytorchjobs.yaml"))
 KUBE_VERSION = "1.33.0"
 KNOWN_SECRET = "Kn0wn-S3cret-Value-4711"
-ALL_JOBS = [f"--set=jobs.{s}.enabled=true" for s in ("curate", "pretrain", "distill", "eval")]
+ALL_JOBS = [f"--set=jobs.{s}.enabled=true" for s in ("curate", "pretrain", "distill", "eval")] + [
+    "--set=pipeline.enabled=true"]
 VALUE_SETS = {
     "default": [],
     "all-jobs": ALL_JOBS,
@@ -172,7 +173,11 @@ def test_no_pod_runs_as_root_or_can_escalate(charts):
     assert {"Pod", "Deployment", "StatefulSet", "Job", "PyTorchJob"} <= kinds  # hooks and tests included
     for kind, name, pod in pods:
         assert _security(pod) == [], f"{kind}/{name}"
+        if name == "dinoctl-pipeline":  # the driver submits jobs: the submitter account's token only
+            assert pod["serviceAccountName"] == "dinoctl-submitter" and pod["automountServiceAccountToken"] is True
+            continue
         assert pod.get("automountServiceAccountToken") is False, f"{kind}/{name}"
+    assert any(name == "dinoctl-pipeline" for _, name, _ in pods)
 
 
 def test_a_secret_value_appears_only_in_the_secret():

@@ -44,7 +44,7 @@ def cfg(tmp_path, monkeypatch):
 def test_pipeline_runs_available_stages_and_a_second_run_is_a_noop(tmp_path, cfg):
     ex = LocalExecutor(home=tmp_path / "home", workdir=REPO, detach=False)
     shown = io.StringIO()
-    first = Pipeline(cfg, ex, home=tmp_path / "home", registry=registry(), echo=lambda s: None,
+    first = Pipeline(cfg, ex, registry=registry(), echo=lambda s: None,
                      progress=ProgressView(shown, every_s=3600, tty=False)).run()
     by_name = {r.name: r for r in first}
     # the running stage's progress, read from its log: here (no terminal) the finished line
@@ -74,7 +74,7 @@ def test_pipeline_runs_available_stages_and_a_second_run_is_a_noop(tmp_path, cfg
     assert parent.data.tags["stage.probe"] == "ran"
 
     jobs_before = sorted((tmp_path / "home" / "jobs").iterdir())
-    second = Pipeline(cfg, ex, home=tmp_path / "home", registry=registry(), echo=lambda s: None).run()
+    second = Pipeline(cfg, ex, registry=registry(), echo=lambda s: None).run()
     assert [(r.name, r.status) for r in second] == [
         ("probe", "cached"), ("publish", "not available"), ("announce", "blocked")]
     assert second[0].metric == "knn_top1=0.75"

@@ -34,3 +34,12 @@ def images() -> dict[str, str]:
         if not _have_image(name):
             _missing(f"image {name} is not built (scripts/test-k8s builds it)")
     return {"cpu": CPU_IMAGE, "services": SERVICES_IMAGE, "base": BASE_IMAGE}
+
+
+@pytest.fixture(scope="session")
+def stack(images, tmp_path_factory):
+    """The chart's platform (S3 and MLflow pods from the services image) for every test here."""
+    from tests.k8s.stack import start_stack
+
+    with start_stack(images, tmp_path_factory.mktemp("cluster")) as running:
+        yield running

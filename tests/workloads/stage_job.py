@@ -1,7 +1,11 @@
 """A tiny stage for pipeline tests: reads its resolved config, logs a child MLflow run, writes
 its output marker (a summary JSON) to `<store>/runs/<run.name>/<stage>/_SUCCESS`.
 
-    torchrun -m tests.workloads.stage_job <stage> --config <resolved yaml>
+    torchrun -m tests.workloads.stage_job <stage> [--hold-until FILE] [--fail-unless FILE] --config <uri>
+
+`--hold-until FILE`: after starting (it prints `holding`), wait until FILE exists, so a test can
+act while the stage job is known to run. `--fail-unless FILE`: exit 1 with a one-line error
+unless FILE exists (a stage that fails until its cause is fixed).
 """
 
 from __future__ import annotations
@@ -16,7 +20,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("stage")
     parser.add_argument("--config", required=True)
     parser.add_argument("--marker-dir", default="probe")
+    parser.add_argument("--hold-until", default="")
+    parser.add_argument("--fail-unless", default="")
     args = parser.parse_args(argv)
+    if args.fail_unless and not os.path.exists(args.fail_unless):
+        print(f"{args.stage}: error: {args.fail_unless} is missing", file=sys.stderr, flush=True)
+        os._exit(1)
+    if args.hold_until:
+        import time
+
+        print("holding", file=sys.stderr, flush=True)
+        while not os.path.exists(args.hold_until):
+            time.sleep(0.1)
 
     from app import storage
     from app.config import load_config

@@ -64,6 +64,11 @@ timeout), unless hooks.image names another. */}}
 {{- end }}
 {{- end }}
 
+{{/* The CPU image (dinoctl and the Kubernetes client, no CUDA): the pipeline driver. */}}
+{{- define "dinoctl.cpuImage" -}}
+{{- printf "%s:%s-cpu" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
+{{- end }}
+
 {{/* The MLflow server image: the services image unless mlflow.image.repository is set. */}}
 {{- define "dinoctl.mlflowImage" -}}
 {{- if .Values.mlflow.image.repository }}
