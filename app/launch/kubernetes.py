@@ -307,6 +307,8 @@ def _load_client(kubeconfig: str | None, context: str | None):
 
     try:
         if kubeconfig or context or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # $KUBECONFIG as it is now: the client library reads it once, when first imported
+            kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
             return config.new_client_from_config(config_file=kubeconfig, context=context)
         config.load_incluster_config()
         return client.ApiClient()
