@@ -2,9 +2,8 @@
 through the real kubernetes client, and the training operator is played by tests/kmock_cluster.py's
 LocalOperator (each PyTorchJob runs as local torchrun processes through the LocalExecutor, its
 conditions written back). The store is the real S3 server; the stages are tiny real jobs
-(tests/workloads/stage_job.py). These need no podman, but run with scripts/test-k8s (the driver
-restarts and lease expiries take a minute or two); the full demo pipeline through the chart's
-pods is tests/k8s/test_pipeline_driver.py.
+(tests/workloads/stage_job.py): the variant without podman. The full demo pipeline with its
+stage jobs as the chart's pods is tests/k8s/test_pipeline_driver.py (scripts/test-k8s).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.k8s
+pytestmark = pytest.mark.slow
 pytest.importorskip("kmock", reason="kmock is not installed (pip install -e .[dev])")
 
 from app import cli, storage  # noqa: E402
