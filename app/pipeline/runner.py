@@ -139,18 +139,33 @@ class Pipeline:
             raise ConfigError(f"'run.store' is {cfg.run.store}: stage pods cannot read it; with "
                               "--backend k8s the store is s3:// (set DINOCTL_STORE or --set run.store=s3://...)")
 
-    def run(self, force: set[str] | None = None) -> list[StageResult]:
-        cfg, force = self.cfg, set(force or ())
+    def _plan(self, force: set[str]) -> tuple[list[StageResult], bool, dict[str, str]]:
+        cfg = self.cfg
         results = plan(cfg, self.registry, force)
         synth_needed = cfg.pipeline.synth and ("synth" in force or not storage.exists(synth_marker(cfg)))
         upstream: dict[str, str] = {"synth": synth_uri(cfg)} if cfg.pipeline.synth else {}
         for r in results:
             if r.status == "cached":
                 upstream[r.name] = self.registry[r.name].output_uri(cfg)
+        return results, synth_needed, upstream
+
+    def run(self, force: set[str] | None = None) -> list[StageResult]:
+        force = set(force or ())
+        results, synth_needed, upstream = self._plan(force)
         if not synth_needed and not any(r.status == "planned" for r in results):
             return results  # all done already: a no-op
 
-        with self._lease(), _ParentRun(cfg) as parent:
+        with self._lease():
+            # Planned again under the lease: a driver this one waited for may have finished stages.
+            results, synth_needed, upstream = self._plan(force)
+            if not synth_needed and not any(r.status == "planned" for r in results):
+                return results
+            return self._run_planned(results, synth_needed, upstream)
+
+    def _run_planned(self, results: list[StageResult], synth_needed: bool,
+                     upstream: dict[str, str]) -> list[StageResult]:
+        cfg = self.cfg
+        with _ParentRun(cfg) as parent:
             parent_id = parent.run_id
             self._save_state(results, parent_id)
             if synth_needed:
