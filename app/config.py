@@ -481,16 +481,20 @@ def resolve_preset(preset: str | Path) -> Path:
                       f"{available or '(none)'}; looked in {where})")
 
 
-def _read_yaml(path: Path) -> dict:
+def _parse_yaml(text: str, source: str | Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML") from None
+        raise ConfigError(f"{source}:{where} invalid YAML") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{source}: top level must be a mapping")
     return data
+
+
+def _read_yaml(path: Path) -> dict:
+    return _parse_yaml(path.read_text(), path)
 
 
 def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
@@ -562,19 +566,10 @@ def _uri_layers(uri: str) -> list[tuple[dict, str]]:
         text = storage.get_bytes(uri).decode()
     except storage.StorageError as exc:
         raise ConfigError(f"config {uri}: {exc}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"{uri}: invalid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{uri}: top level must be a mapping")
+    data = _parse_yaml(text, uri)
     base = data.pop("_base_", None)
     layers = _load_layers(resolve_preset(base)) if base else []
     return layers + [(data, uri)]
-
-
-def is_uri(text: str | Path) -> bool:
-    return isinstance(text, str) and "://" in text
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -582,7 +577,8 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
     be a storage URI of a config file (what a pipeline hands its stage jobs)."""
     cfg = Config()
     if preset is not None:
-        layers = _uri_layers(preset) if is_uri(preset) else _load_layers(resolve_preset(preset))
+        from_store = isinstance(preset, str) and "://" in preset
+        layers = _uri_layers(preset) if from_store else _load_layers(resolve_preset(preset))
         for data, source in layers:
             _build(Config, data, "", source, base=cfg)
     cfg = apply_overrides(cfg, overrides)

@@ -108,57 +108,80 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t or time.time()))
 
 
-class LocalOperator:
-    """Plays the Kubeflow training operator for a KubernetesExecutor's namespace in kmock: a
-    PyTorchJob created there runs as local torchrun processes through a LocalExecutor (its JobSpec
-    read back from the job), its conditions are written to the job's status subresource as they
-    change, and a job deleted from the API is cancelled."""
+class OperatorStandIn:
+    """What every stand-in for the training operator shares: a thread that calls `reconcile()`
+    every `poll_s` (errors are collected in `errors`, never a dead thread), the namespace's
+    PyTorchJobs as kmock holds them, and writing a job's conditions to its status subresource."""
 
-    def __init__(self, k8s, local, env: dict[str, str], poll_s: float = 0.1):
-        self.custom, self.local, self.env, self.poll_s = k8s.custom, local, dict(env), poll_s
-        self.namespace = k8s.namespace
+    def __init__(self, k8s, poll_s: float):
+        self.custom, self.namespace, self.poll_s = k8s.custom, k8s.namespace, poll_s
         self.started: list[str] = []  # every job it ever started, in order
         self.errors: list[str] = []
-        self._written: dict[str, list] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="local-operator", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> "LocalOperator":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(10)
-        for name in self.started:
-            if not self.local.status(name).done:
-                self.local.cancel(name)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
                 self.reconcile()
-            except Exception as exc:  # noqa: BLE001 - reported by the test, never a dead thread
+            except Exception as exc:  # noqa: BLE001 - reported by the test
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def reconcile(self) -> None:
-        items = self.custom.list_namespaced_custom_object(
-            "kubeflow.org", "v1", self.namespace, "pytorchjobs")["items"]
+        raise NotImplementedError
+
+    def jobs(self) -> list[dict]:
+        return self.custom.list_namespaced_custom_object("kubeflow.org", "v1", self.namespace,
+                                                         "pytorchjobs")["items"]
+
+    def write_conditions(self, name: str, conditions: list[dict]) -> None:
+        """conditions: {type, status, reason, message, time} (time 0: now)."""
+        self.custom.patch_namespaced_custom_object_status(
+            "kubeflow.org", "v1", self.namespace, "pytorchjobs", name,
+            {"status": {"conditions": [{"type": c["type"], "status": c.get("status", "True"),
+                                        "reason": c.get("reason") or f"PyTorchJob{c['type']}",
+                                        "message": c.get("message", ""),
+                                        "lastTransitionTime": _stamp(c.get("time", 0))}
+                                       for c in conditions]}})
+
+
+class LocalOperator(OperatorStandIn):
+    """Plays the Kubeflow training operator for a KubernetesExecutor's namespace in kmock: a
+    PyTorchJob created there runs as local torchrun processes through a LocalExecutor (its JobSpec
+    read back from the job), its conditions are written to the job's status subresource as they
+    change, and a job deleted from the API is cancelled."""
+
+    def __init__(self, k8s, local, env: dict[str, str], poll_s: float = 0.1):
+        super().__init__(k8s, poll_s)
+        self.local, self.env = local, dict(env)
+        self._written: dict[str, list] = {}
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for name in self.started:
+            if not self.local.status(name).done:
+                self.local.cancel(name)
+
+    def reconcile(self) -> None:
         present = set()
-        for obj in items:
+        for obj in self.jobs():
             name = obj["metadata"]["name"]
             present.add(name)
             if name not in self.started:
                 self.local.submit(spec_from_pytorchjob(obj, self.env))
                 self.started.append(name)
-            status = self.local.status(name)
-            conditions = [{"type": c.type, "status": c.status, "reason": c.reason or f"PyTorchJob{c.type}",
-                           "message": c.message, "lastTransitionTime": _stamp(c.time)}
-                          for c in status.conditions]
+            conditions = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+                           "time": c.time} for c in self.local.status(name).conditions]
             if conditions and conditions != self._written.get(name):
-                self.custom.patch_namespaced_custom_object_status(
-                    "kubeflow.org", "v1", self.namespace, "pytorchjobs", name,
-                    {"status": {"conditions": conditions}})
+                self.write_conditions(name, conditions)
                 self._written[name] = conditions
         for name in self.started:
             if name not in present and not self.local.status(name).done:

@@ -256,7 +256,7 @@ class Pipeline:
 
     def _run_stage(self, r: StageResult, upstream: dict[str, str], parent_id: str,
                    saved: Callable[[], None] = lambda: None) -> None:
-        from app.launch.commands import spec_from_config
+        from app.launch.commands import dns1035, spec_from_config
 
         stage = self.registry[r.name]
         r.attempt, running = self._find_attempt(r.name)
@@ -276,7 +276,7 @@ class Pipeline:
                     from app.tracking import tracking_uri
 
                     env["MLFLOW_TRACKING_URI"] = tracking_uri()
-            labels = {**dict(spec.labels), LABEL_PIPELINE: dns_value(self.cfg.run.name),
+            labels = {**dict(spec.labels), LABEL_PIPELINE: dns1035(self.cfg.run.name),
                       LABEL_ATTEMPT: str(r.attempt)}
             spec = dataclasses.replace(spec, env=tuple(env.items()), labels=tuple(labels.items()))
             r.job = self.executor.submit(spec)
@@ -295,13 +295,6 @@ class Pipeline:
         else:
             r.status, r.metric = "ran", _metric_text(stage, self.cfg)
         self.echo(f"{r.name}: {r.status} in {r.seconds:.1f} s" + (f" ({r.detail})" if r.detail else ""))
-
-
-def dns_value(text: str) -> str:
-    """A Kubernetes label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63].strip("-._") or "x"
 
 
 @contextlib.contextmanager

@@ -73,16 +73,16 @@ def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def check_finite_gradients(norms: dict[str, float], step: int) -> None:
     """Every rank sees the same (all-reduced) norms, so all ranks stop together."""
-    bad = [n for n, v in norms.items() if not math.isfinite(v)]
-    if bad:
-        detail = ", ".join(f"{n}={norms[n]}" for n in bad)
-        raise NonFiniteLoss(f"non-finite gradient norm at step {step}: {detail}; stopping without "
-                            "updating weights or writing a checkpoint")
+    _stop_if_not_finite(norms, step, "gradient norm")
 
 
 def check_finite(values: dict[str, float], step: int) -> None:
-    bad = [n for n, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    _stop_if_not_finite(values, step, "loss")
+
+
+def _stop_if_not_finite(values: dict[str, float], step: int, what: str) -> None:
+    bad = [n for n, v in values.items() if not math.isfinite(v)]
     if bad:
         detail = ", ".join(f"{n}={values[n]}" for n in bad)
-        raise NonFiniteLoss(f"non-finite loss at step {step}: {detail}; stopping without "
+        raise NonFiniteLoss(f"non-finite {what} at step {step}: {detail}; stopping without "
                             "updating weights or writing a checkpoint")

@@ -3,6 +3,7 @@ pods running from the services image, and helpers to look into them from the hos
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
@@ -70,33 +71,28 @@ class Stack:
                 "AWS_SECRET_ACCESS_KEY": self.secret["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@contextlib.contextmanager
 def start_stack(images: dict, workdir):
-    """A context manager: the chart (values-ci.yaml, the CPU image for jobs) applied to a fresh
-    podman cluster with its S3 and MLflow pods ready; yields the Stack."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def run():
-        docs = render_chart("-f", str(VALUES), "--set", f"image.tag={images['cpu'].rsplit(':', 1)[1]}",
-                            namespace=NS)
-        cluster = PodmanCluster(network=f"dinoctl-test-{uuid.uuid4().hex[:8]}",
-                                workdir=workdir, namespace=NS,
-                                init_template=INIT_TEMPLATE, init_image=images["cpu"])
-        with cluster:
-            workloads = cluster.apply(docs)
-            stack = Stack(cluster, docs)
-            stack.image, stack.services_image = images["cpu"], images["services"]
-            s3 = stack.by_kind["StatefulSet"]["dinoctl-s3"]
-            mlflow = stack.by_kind["Deployment"]["dinoctl-mlflow"]
-            for obj in (s3, mlflow):  # the chart's own pods, from the image built here, unchanged
-                assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == images["services"]
-            stack.ready_s = {}
-            for name, obj in (("s3", s3), ("mlflow", mlflow)):
-                t0 = time.monotonic()
-                cluster.run_service(obj)
-                stack.ready_s[name] = round(time.monotonic() - t0, 1)
-            print(json.dumps({"cold_start_to_ready_s": stack.ready_s}))
-            stack.workloads = workloads
-            yield stack
-
-    return run()
+    """The chart (values-ci.yaml, the CPU image for jobs) applied to a fresh podman cluster with
+    its S3 and MLflow pods ready; yields the Stack."""
+    docs = render_chart("-f", str(VALUES), "--set", f"image.tag={images['cpu'].rsplit(':', 1)[1]}",
+                        namespace=NS)
+    cluster = PodmanCluster(network=f"dinoctl-test-{uuid.uuid4().hex[:8]}",
+                            workdir=workdir, namespace=NS,
+                            init_template=INIT_TEMPLATE, init_image=images["cpu"])
+    with cluster:
+        workloads = cluster.apply(docs)
+        stack = Stack(cluster, docs)
+        stack.image, stack.services_image = images["cpu"], images["services"]
+        s3 = stack.by_kind["StatefulSet"]["dinoctl-s3"]
+        mlflow = stack.by_kind["Deployment"]["dinoctl-mlflow"]
+        for obj in (s3, mlflow):  # the chart's own pods, from the image built here, unchanged
+            assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == images["services"]
+        stack.ready_s = {}
+        for name, obj in (("s3", s3), ("mlflow", mlflow)):
+            t0 = time.monotonic()
+            cluster.run_service(obj)
+            stack.ready_s[name] = round(time.monotonic() - t0, 1)
+        print(json.dumps({"cold_start_to_ready_s": stack.ready_s}))
+        stack.workloads = workloads
+        yield stack

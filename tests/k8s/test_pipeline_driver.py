@@ -35,64 +35,38 @@ DEMO_CI = ["train.batch_size_per_gpu=8", "train.num_workers=2", "train.max_steps
            "pipeline.lease_ttl_s=10"]  # values-ci.yaml's sizes for the demo preset
 
 
-class PodmanOperator:
+class PodmanOperator(kmock_cluster.OperatorStandIn):
     """Plays the training operator for the PyTorchJobs in kmock's namespace: each new job runs
     as containers (PodmanCluster.run_pytorchjob) in a thread of its own; Created/Running, then
-    Succeeded or Failed (naming the pods' exit codes) are patched into its status. `on_started`
+    Succeeded or Failed (naming the pods' exit codes) are written to its status. `on_started`
     may act on a job's pods once they run (e.g. kill one)."""
 
     def __init__(self, k8s, cluster: PodmanCluster, on_started=None):
-        self.custom, self.cluster, self.namespace = k8s.custom, cluster, k8s.namespace
+        super().__init__(k8s, poll_s=0.5)
+        self.cluster = cluster
         self.on_started = on_started or (lambda name, cl, pods: None)
-        self.started: list[str] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "PodmanOperator":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _patch(self, name: str, *conditions: tuple[str, str]) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.custom.patch_namespaced_custom_object_status(
-            "kubeflow.org", "v1", self.namespace, "pytorchjobs", name,
-            {"status": {"conditions": [{"type": t, "status": "True", "reason": f"PyTorchJob{t}", "message": m,
-                                        "lastTransitionTime": stamp} for t, m in conditions]}})
 
     def _run(self, obj: dict) -> None:
         name = obj["metadata"]["name"]
         job = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "spec": obj["spec"],
                "metadata": {k: obj["metadata"][k] for k in ("name", "namespace", "labels") if k in obj["metadata"]}}
+        running = [{"type": "Created", "message": "job created"}, {"type": "Running", "message": "job running"}]
         try:
-            self._patch(name, ("Created", "job created"), ("Running", "job running"))
+            self.write_conditions(name, running)
             results = self.cluster.run_pytorchjob(job, timeout=STAGE_TIMEOUT,
                                                   on_started=lambda cl, pods: self.on_started(name, cl, pods))
             bad = {p: c for p, c in results.items() if c != 0}
-            if bad:
-                self._patch(name, ("Created", ""), ("Running", ""),
-                            ("Failed", "pods exited with " + ", ".join(f"{p}: {c}" for p, c in bad.items())))
-            else:
-                self._patch(name, ("Created", ""), ("Running", ""), ("Succeeded", "job succeeded"))
+            end = ({"type": "Failed", "message": "pods exited with " + ", ".join(f"{p}: {c}" for p, c in bad.items())}
+                   if bad else {"type": "Succeeded", "message": "job succeeded"})
+            self.write_conditions(name, [*running, end])
         except Exception as exc:  # noqa: BLE001 - reported by the test
             self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
 
-    def _loop(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                items = self.custom.list_namespaced_custom_object("kubeflow.org", "v1", self.namespace,
-                                                                  "pytorchjobs")["items"]
-            except Exception as exc:  # noqa: BLE001
-                self.errors.append(f"list: {exc}")
-                continue
-            for obj in items:
-                if obj["metadata"]["name"] not in self.started:
-                    self.started.append(obj["metadata"]["name"])
-                    threading.Thread(target=self._run, args=(obj,), daemon=True).start()
+    def reconcile(self) -> None:
+        for obj in self.jobs():
+            if obj["metadata"]["name"] not in self.started:
+                self.started.append(obj["metadata"]["name"])
+                threading.Thread(target=self._run, args=(obj,), daemon=True).start()
 
 
 def _driver(stack, kubeconfig: str, home, log) -> int:

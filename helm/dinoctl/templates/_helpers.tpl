@@ -45,23 +45,24 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The services image (docker/Dockerfile.services: MLflow, SeaweedFS, python + minio client). */}}
+{{/* The services image (docker/Dockerfile.services: MLflow, SeaweedFS, python + minio client).
+Pass (dict "root" $ "image" <an {repository, tag} override>): empty fields take the services
+image's, whose own defaults are image.repository and <image tag or appVersion>-services. */}}
+{{- define "dinoctl.servicesImageOf" -}}
+{{- $v := .root.Values }}
+{{- $repo := default (default $v.image.repository $v.services.image.repository) .image.repository }}
+{{- $tag := printf "%s-services" (default .root.Chart.AppVersion $v.image.tag | trimSuffix "-cpu") }}
+{{- printf "%s:%s" $repo (default (default $tag $v.services.image.tag) .image.tag) }}
+{{- end }}
+
 {{- define "dinoctl.servicesImage" -}}
-{{- $repo := default .Values.image.repository .Values.services.image.repository }}
-{{- $tag := printf "%s-services" (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
-{{- printf "%s:%s" $repo (default $tag .Values.services.image.tag) }}
+{{- include "dinoctl.servicesImageOf" (dict "root" . "image" dict) }}
 {{- end }}
 
 {{/* Hook and test pods: the small services image (no multi-GB CUDA pull inside Helm's hook
-timeout), unless hooks.image names another. */}}
+timeout); hooks.image overrides its repository and/or tag. */}}
 {{- define "dinoctl.hookImage" -}}
-{{- if or .Values.hooks.image.repository .Values.hooks.image.tag }}
-{{- $repo := default .Values.image.repository .Values.hooks.image.repository }}
-{{- $tag := printf "%s-services" (default .Chart.AppVersion .Values.image.tag | trimSuffix "-cpu") }}
-{{- printf "%s:%s" $repo (default $tag .Values.hooks.image.tag) }}
-{{- else }}
-{{- include "dinoctl.servicesImage" . }}
-{{- end }}
+{{- include "dinoctl.servicesImageOf" (dict "root" . "image" .Values.hooks.image) }}
 {{- end }}
 
 {{/* The CPU image (dinoctl and the Kubernetes client, no CUDA): the pipeline driver. */}}
